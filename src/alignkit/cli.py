@@ -1,0 +1,142 @@
+"""The `alignkit` command line: `alignkit COMMAND [--config FILE.yaml] [--field value ...]`.
+
+Every config field is an option (`max_steps` ↔ `--max-steps`); options override the file. User mistakes
+(bad config, bad data, missing files) print one message and exit with status 2, with no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import typing
+
+from alignkit.config import RewardConfig, SFTConfig, _base_type, build_config, config_fields, load_yaml
+from alignkit.config import unknown_field_error
+from alignkit.errors import TrainingError, UserError
+
+# command -> (config class, "module:function" that runs it, one-line description)
+TRAIN_COMMANDS = {
+    "sft": (SFTConfig, "alignkit.train.sft:train_sft", "supervised fine-tuning"),
+    "reward": (RewardConfig, "alignkit.train.reward:train_reward",
+               "reward model on pairwise (Bradley-Terry) or ranked (Plackett-Luce) data"),
+}
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
+    hints = typing.get_type_hints(cls)
+    parser.add_argument("--config", metavar="FILE.yaml", help="read fields from a YAML file; options override it")
+    for f in config_fields(cls):
+        kind, inner = _base_type(hints[f.name])
+        default = f.default if f.default is not None else "none"
+        if isinstance(default, tuple):
+            default = ",".join(default) or "(none)"
+        choices = f.metadata.get("choices")
+        doc = f.metadata.get("doc", "")
+        help_text = f"{doc} (default: {default}{'; one of ' + '|'.join(choices) if choices else ''})"
+        metavar = inner.__name__.upper() if kind != "list" else "VALUE"
+        extra = {"nargs": "+"} if kind == "list" else {}
+        if inner is bool:  # `--flag` alone means true; `--flag false` also works
+            extra = {"nargs": "?", "const": "true"}
+        parser.add_argument(_flag(f.name), dest=f.name, metavar=metavar, help=help_text,
+                            default=argparse.SUPPRESS, **extra)
+
+
+def _make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="alignkit", description="Align language models with preferences.", allow_abbrev=False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (cls, _, desc) in TRAIN_COMMANDS.items():
+        p = sub.add_parser(name, help=desc, description=f"alignkit {name}: {desc}. {cls.__doc__ or ''}",
+                           allow_abbrev=False)
+        _add_config_options(p, cls)
+    data = sub.add_parser("data", help="data tools: `alignkit data check FILE ...`", allow_abbrev=False)
+    data_sub = data.add_subparsers(dest="data_command", metavar="SUBCOMMAND")
+    check = data_sub.add_parser("check", help="row counts, lengths, duplicates, problems", allow_abbrev=False)
+    check.add_argument("files", nargs="+", help="data files (JSONL, JSON, Parquet, save_to_disk folders)")
+    check.add_argument("--kind", default="auto",
+                       choices=["auto", "sft", "pairwise", "ranked", "unary", "prompts"], help="row kind (default: auto)")
+    check.add_argument("--model", default=None, help="count tokens with this model's tokenizer (else characters)")
+    check.add_argument("--max-length", type=int, default=None, help="report rows longer than this many tokens")
+    check.add_argument("--on-bad-row", default="error", choices=["error", "skip"], help="error or skip bad rows")
+    demo = sub.add_parser("demo", help="a short end-to-end SFT -> reward model run on a built-in tiny example",
+                          allow_abbrev=False)
+    demo.add_argument("--output-dir", default="runs/demo", help="where the demo writes its runs (default: runs/demo)")
+    demo.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
+    return parser
+
+
+def _run_training(command: str, args: argparse.Namespace, extra: list[str]) -> None:
+    cls, target, _ = TRAIN_COMMANDS[command]
+    valid = [f.name for f in config_fields(cls)]
+    for token in extra:
+        if token.startswith("--"):
+            name = token[2:].split("=", 1)[0].replace("-", "_")
+            raise unknown_field_error(name, valid)
+        raise UserError(f"unexpected argument {token!r}")
+    cli_values = {k: v for k, v in vars(args).items() if k in valid}
+    file_values = load_yaml(args.config) if args.config else {}
+    cfg = build_config(cls, file_values, cli_values, config_path=args.config or "")
+    module, func = target.split(":")
+    import importlib
+
+    getattr(importlib.import_module(module), func)(cfg)
+
+
+def _run_data_check(args: argparse.Namespace) -> None:
+    from alignkit.data.check import check_rows, format_report
+    from alignkit.data.formats import load_rows
+
+    result = load_rows(list(args.files), kind=args.kind, on_bad_row=args.on_bad_row)
+    count_tokens = None
+    if args.model:
+        from alignkit.models.load import load_tokenizer
+
+        tokenizer = load_tokenizer(args.model)
+        count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    report = check_rows(result, count_tokens=count_tokens, max_length=args.max_length)
+    print(format_report(report))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _make_parser()
+    args, extra = parser.parse_known_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        if args.command in TRAIN_COMMANDS:
+            _run_training(args.command, args, extra)
+        elif extra:
+            raise UserError(f"unexpected arguments: {' '.join(extra)}")
+        elif args.command == "data":
+            if args.data_command != "check":
+                raise UserError("usage: alignkit data check FILE [FILE ...] [--kind K] [--model M]")
+            _run_data_check(args)
+        elif args.command == "demo":
+            from alignkit.demo import run_demo
+
+            run_demo(args.output_dir, seed=args.seed)
+    except UserError as e:
+        print(f"alignkit: error: {e}", file=sys.stderr)
+        return 2
+    except TrainingError as e:
+        print(f"alignkit: stopped: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("alignkit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def entry() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,237 @@
+"""Config: one frozen dataclass per command; every field carries a one-line doc that becomes `--help`.
+
+A config is resolved from three layers, later ones winning: the dataclass defaults, a YAML file
+(`--config FILE.yaml`), and command-line options (`--max-steps 10` sets `max_steps`). Unknown fields are
+errors that name the closest valid ones. Validation happens on construction (`__post_init__`), so a
+config object that exists is a valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkit.errors import UserError
+
+
+def option(default, doc: str, choices: tuple | None = None):
+    """A config field with its one-line doc (and allowed values, checked on construction)."""
+    return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Fields common to every training command (SPEC §5)."""
+
+    model: str = option("", "Starting model: a Hugging Face checkpoint folder (or hub id where a hub is reachable).")
+    data: tuple[str, ...] = option((), "Training data: one or more JSONL, JSON, Parquet files or save_to_disk folders.")
+    eval_data: tuple[str, ...] = option((), "Held-out data in the same formats (optional).")
+    eval_fraction: float = option(0.0, "Share of the training rows held out for evaluation when eval_data is not given.")
+    output_dir: str = option("runs/run", "Run folder: config.yaml, metrics.jsonl, checkpoints/, final/.")
+    seed: int = option(0, "Seed for initialisation, data order and sampling.")
+    max_steps: int = option(0, "Optimizer steps to take; 0 = run for `epochs`.")
+    epochs: float = option(1.0, "Passes over the training data (used when max_steps is 0).")
+    batch_size: int = option(8, "Examples per micro-batch, per process.")
+    eval_batch_size: int = option(0, "Examples per evaluation batch; 0 = batch_size.")
+    grad_accum: int = option(1, "Micro-batches accumulated per optimizer step.")
+    lr: float = option(1e-5, "Peak learning rate (AdamW).")
+    lr_schedule: str = option("linear", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine"))
+    warmup_steps: int = option(0, "Steps of linear warmup from 0 to lr.")
+    weight_decay: float = option(0.0, "AdamW weight decay (not applied to biases and norm weights).")
+    adam_beta1: float = option(0.9, "AdamW beta1.")
+    adam_beta2: float = option(0.999, "AdamW beta2.")
+    max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
+    max_length: int = option(1024, "Longest prompt + response in tokens; longer responses are cut at the end.")
+    max_prompt_length: int = option(512, "Longest prompt in tokens; longer prompts keep their last tokens.")
+    eval_every: int = option(0, "Evaluate every N steps (and at the start and the end); 0 = only at the end.")
+    save_every: int = option(0, "Checkpoint every N steps for resume; 0 = keep no intermediate checkpoints.")
+    keep_checkpoints: int = option(2, "How many of the newest checkpoints to keep.")
+    log_every: int = option(1, "Write metrics every N optimizer steps.")
+    lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning.")
+    lora_alpha: float = option(16.0, "LoRA scaling alpha.")
+    lora_dropout: float = option(0.0, "Dropout on the LoRA branch.")
+    lora_targets: tuple[str, ...] = option(("all-linear",), "Module names LoRA adapts ('all-linear' = every linear layer).")
+    lora_save: str = option("merged", "final/ holds the merged model or only the adapter.", ("merged", "adapter"))
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
+    dtype: str = option("auto", "Parameter dtype: auto = float32 on CPU, bfloat16 on GPU.", ("auto", "float32", "bfloat16", "float16"))
+    report_to: str = option("none", "Where metrics also go.", ("none", "tensorboard", "wandb", "mlflow"))
+    resume: str = option("auto", "auto = continue from the newest complete checkpoint; never = start over; or a checkpoint folder.")
+    on_bad_row: str = option("error", "error = stop at the first bad row; skip = skip bad rows and report how many.", ("error", "skip"))
+    max_bad_steps: int = option(5, "Stop after this many non-finite (NaN/Inf) steps in a row.")
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint folder to run (off by default).")
+    num_threads: int = option(0, "CPU threads for torch; 0 = leave torch's default.")
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.model:
+            raise UserError('field "model" is required (a checkpoint folder)')
+        if not self.data:
+            raise UserError('field "data" is required (one or more data files)')
+        for name in ("batch_size", "grad_accum", "log_every", "max_length", "max_prompt_length", "keep_checkpoints",
+                     "max_bad_steps"):
+            if getattr(self, name) < 1:
+                raise UserError(f'field "{name}" must be at least 1, got {getattr(self, name)}')
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "lora_r", "eval_batch_size", "num_threads"):
+            if getattr(self, name) < 0:
+                raise UserError(f'field "{name}" must be 0 or more, got {getattr(self, name)}')
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise UserError(f'field "lr" must be a positive number, got {self.lr}')
+        if self.max_steps == 0 and not self.epochs > 0:
+            raise UserError('set "max_steps" or a positive "epochs"')
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UserError(f'field "eval_fraction" must be in [0, 1), got {self.eval_fraction}')
+        if self.max_prompt_length >= self.max_length:
+            raise UserError(f'"max_prompt_length" ({self.max_prompt_length}) must be less than "max_length" '
+                            f'({self.max_length}) so that a response fits')
+
+
+@dataclass(frozen=True)
+class SFTConfig(TrainConfig):
+    """`alignkit sft`: supervised fine-tuning on demonstrations."""
+
+    lr: float = option(2e-5, "Peak learning rate (AdamW).")
+    completion_only_loss: bool = option(True, "Loss on completion (assistant) tokens only; false = on every token.")
+
+
+@dataclass(frozen=True)
+class RewardConfig(TrainConfig):
+    """`alignkit reward`: a reward model from pairwise (Bradley–Terry) or ranked (Plackett–Luce) data."""
+
+    lr: float = option(1e-5, "Peak learning rate (AdamW).")
+    eval_fraction: float = option(0.1, "Share of the training rows held out for eval/accuracy when eval_data is not given.")
+    ranked_loss: str = option("plackett_luce", "Loss on ranked data: the full ranking, or every pair of it.",
+                              ("plackett_luce", "pairs"))
+    use_margin: bool = option(True, "Use the rows' `margin` field in the Bradley–Terry loss when present.")
+    center_rewards: float = option(0.0, "Coefficient of a (r_c + r_r)² penalty that keeps rewards centred at 0.")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Introspection, parsing and validation shared by every config class.
+
+def config_fields(cls) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(cls) if f.init]
+
+
+def _hints(cls) -> dict:
+    return typing.get_type_hints(cls)
+
+
+def _base_type(tp):
+    """(kind, inner) for the annotations configs use: int, float, str, bool, tuple[str, ...], X | None."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return ("optional", args[0])
+    if origin is tuple:
+        return ("list", typing.get_args(tp)[0])
+    return ("scalar", tp)
+
+
+def coerce(value, tp, name: str, where: str = ""):
+    """Turn a YAML or command-line value into the field's type, or raise a UserError naming the field."""
+    prefix = f"{where}: " if where else ""
+    kind, inner = _base_type(tp)
+    if kind == "optional":
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null", "")):
+            return None
+        return coerce(value, inner, name, where)
+    if kind == "list":
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v] if "," in value else [value]
+        if not isinstance(value, (list, tuple)):
+            raise UserError(f'{prefix}field "{name}" must be a list, got {type(value).__name__}')
+        return tuple(coerce(v, inner, name, where) for v in value)
+    if inner is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        raise UserError(f'{prefix}field "{name}" must be true or false, got {value!r}')
+    if inner is int:
+        if isinstance(value, bool):
+            raise UserError(f'{prefix}field "{name}" must be an integer, got {value!r}')
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise UserError(f'{prefix}field "{name}" must be an integer, got {value!r}') from None
+        if not as_float.is_integer():
+            raise UserError(f'{prefix}field "{name}" must be an integer, got {value!r}')
+        return int(as_float)
+    if inner is float:
+        if isinstance(value, bool):
+            raise UserError(f'{prefix}field "{name}" must be a number, got {value!r}')
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise UserError(f'{prefix}field "{name}" must be a number, got {value!r}') from None
+    if inner is str:
+        if isinstance(value, (dict, list)):
+            raise UserError(f'{prefix}field "{name}" must be a string, got {type(value).__name__}')
+        return str(value)
+    raise TypeError(f"unsupported config type {tp} for {name}")
+
+
+def check_fields(cfg) -> None:
+    """Validate `choices` for every field of a config instance."""
+    for f in config_fields(type(cfg)):
+        choices = f.metadata.get("choices")
+        value = getattr(cfg, f.name)
+        if choices and value not in choices:
+            raise UserError(f'field "{f.name}" must be one of {", ".join(choices)}; got {value!r}')
+
+
+def unknown_field_error(name: str, valid: list[str], where: str = "") -> UserError:
+    close = difflib.get_close_matches(name, valid, n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; run with --help for the {len(valid)} fields"
+    prefix = f"{where}: " if where else ""
+    return UserError(f'{prefix}unknown field "{name}"{hint}')
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: no such config file")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f"{mark.line + 1}" if mark is not None else "1"
+        raise UserError(f"{path}:{line}: invalid YAML ({getattr(e, 'problem', e)})") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: not valid UTF-8") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of field: value")
+    return {str(k).replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls, file_values: dict | None = None, cli_values: dict | None = None, config_path: str = ""):
+    """Resolve defaults ← YAML ← command line into a validated `cls` instance."""
+    hints = _hints(cls)
+    valid = [f.name for f in config_fields(cls)]
+    values = {}
+    for layer, where in ((file_values or {}, config_path), (cli_values or {}, "")):
+        for name, raw in layer.items():
+            if name not in valid:
+                raise unknown_field_error(name, valid, where)
+            values[name] = coerce(raw, hints[name], name, where)
+    return cls(**values)
+
+
+def to_dict(cfg) -> dict:
+    """The resolved config as plain YAML-able data; fields that look like secrets are never written."""
+    out = {}
+    for f in config_fields(type(cfg)):
+        if any(s in f.name for s in ("api_key", "token", "secret", "password")):
+            continue
+        value = getattr(cfg, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out

@@ -1,0 +1,77 @@
+"""Tiny models built in-process: a word-level tokenizer and a small Llama.
+
+No hub, no network: tests, the demo, the benchmarks and the lab build their models here and save them as
+ordinary Hugging Face checkpoint folders, which every command then loads like any other model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SPECIAL_TOKENS = {"pad": "<pad>", "bos": "<s>", "eos": "</s>", "unk": "<unk>"}
+
+# A plain template for tokenizers that ship none (see alignkit.data.tokenize.DEFAULT_CHAT_TEMPLATE).
+_TEMPLATE_WORDS = ["system", "user", "assistant", "tool", ":"]
+
+
+def build_word_tokenizer(words: list[str]):
+    """A whitespace/punctuation word-level tokenizer over `words`, with <pad> <s> </s> <unk>.
+
+    Encoding adds <s> at the start (like Llama's tokenizer); decoding joins words with spaces.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = [SPECIAL_TOKENS[k] for k in ("pad", "bos", "eos", "unk")]
+    vocab: dict[str, int] = {}
+    for w in specials + _TEMPLATE_WORDS + list(words):
+        vocab.setdefault(w, len(vocab))
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    core.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins tokens with spaces
+    bos = SPECIAL_TOKENS["bos"]
+    core.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        pad_token=SPECIAL_TOKENS["pad"],
+        bos_token=bos,
+        eos_token=SPECIAL_TOKENS["eos"],
+        unk_token=SPECIAL_TOKENS["unk"],
+    )
+
+
+def build_tiny_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
+                     intermediate_size: int | None = None, max_position_embeddings: int = 512, seed: int = 0):
+    """A randomly initialised `LlamaForCausalLM` sized for CPU tests (deterministic given `seed`)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size or 4 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_heads,
+        max_position_embeddings=max_position_embeddings,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def save_tiny_model(path: str | Path, words: list[str], seed: int = 0, **model_kwargs) -> Path:
+    """Build a word tokenizer + tiny Llama and save both to `path` (a normal HF checkpoint folder)."""
+    path = Path(path)
+    tokenizer = build_word_tokenizer(words)
+    model = build_tiny_llama(tokenizer, seed=seed, **model_kwargs)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

@@ -1,0 +1,47 @@
+"""Masked reductions over padded (B, T) tensors: the one home for masked sum, mean, variance and whitening.
+
+Masks are bool and True means "takes part". Masked-out entries are selected away with `torch.where`, never
+multiplied by zero, so a NaN or inf sitting in a padded slot cannot leak into a result or a gradient
+(NaN * 0 is NaN). The selection happens before any nonlinearity: where's backward sends 0 to the padding,
+but a later op's backward would multiply that 0 by a NaN local derivative.
+"""
+
+import torch
+
+
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Σ x over entries where `mask` is True; over everything if `dim` is None, else along `dim`."""
+    kept = torch.where(mask, x, torch.zeros_like(x))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of x over entries where `mask` is True. An empty selection gives 0, not NaN, so one row with
+    no valid tokens cannot poison a batch."""
+    count = mask.expand_as(x).sum() if dim is None else mask.expand_as(x).sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1)
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of x over all entries where `mask` is True (Bessel-corrected if `unbiased`).
+
+    Raises ValueError when the selection is too small to define a variance (0 entries, or 1 if unbiased).
+    """
+    count = int(mask.expand_as(x).sum())  # one host sync; whitening happens once per rollout
+    if count < (2 if unbiased else 1):
+        raise ValueError(f"masked_var needs at least {2 if unbiased else 1} valid entries, got {count}")
+    centered = torch.where(mask, x - masked_mean(x, mask), torch.zeros_like(x))
+    return masked_sum(centered**2, mask) / (count - 1 if unbiased else count)
+
+
+def masked_whiten(
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """(x − mean) / sqrt(var + eps) with mean and unbiased var over the valid entries; with
+    `shift_mean=False` the mean is added back (only the scale changes). Masked-out entries are 0."""
+    x = torch.where(mask, x, torch.zeros_like(x))
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask, whitened, torch.zeros_like(whitened))

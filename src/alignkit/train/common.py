@@ -1,0 +1,41 @@
+"""Preparation shared by trainers: load and split data (before anything is written), load the tokenizer."""
+
+from __future__ import annotations
+
+import random
+import sys
+
+from alignkit.data.formats import load_rows
+
+
+def load_train_eval(cfg, kind: str, allowed: tuple[str, ...] | None = None):
+    """Rows for training and evaluation. Everything is validated here, before the run folder exists, so a
+    bad file stops the run with nothing half-written.
+
+    Without `eval_data`, `eval_fraction` of the training rows (a seeded shuffle) is held out.
+    """
+    train = _load(cfg.data, kind, cfg.on_bad_row, allowed)
+    rows = list(train.rows)
+    if cfg.eval_data:
+        eval_rows = list(_load(cfg.eval_data, train.kind, cfg.on_bad_row, allowed).rows)
+    elif cfg.eval_fraction > 0 and len(rows) >= 2:
+        order = list(range(len(rows)))
+        random.Random(cfg.seed).shuffle(order)
+        n_eval = max(1, int(round(cfg.eval_fraction * len(rows))))
+        eval_rows = [rows[i] for i in sorted(order[:n_eval])]
+        rows = [rows[i] for i in sorted(order[n_eval:])]
+    else:
+        eval_rows = []
+    return train.kind, rows, eval_rows
+
+
+def _load(paths, kind, on_bad_row, allowed):
+    from alignkit.errors import UserError
+
+    result = load_rows(list(paths), kind=kind, on_bad_row=on_bad_row)
+    if allowed and result.kind not in allowed:
+        raise UserError(f"{paths[0]}: rows of kind {result.kind!r}; this command takes {' or '.join(allowed)} rows")
+    if result.skipped:
+        examples = "; ".join(result.skipped_examples[:3])
+        print(f"warning: skipped {result.skipped} bad rows (on_bad_row: skip); first: {examples}", file=sys.stderr)
+    return result

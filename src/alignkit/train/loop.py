@@ -1,0 +1,410 @@
+"""The training mechanics every trainer shares, written once.
+
+A trainer prepares a `Task` (model, tokenized examples, collate, loss) and calls `fit(cfg, task)`, which
+does the rest: run folder, seeding, AdamW, the schedule, gradient accumulation, clipping, the NaN/Inf
+guard, evaluation, metrics.jsonl, the progress bar, atomic checkpoints, exact resume and `final/`.
+
+Exact resume: the data order is a pure function of (seed, epoch); a checkpoint holds the trainable weights,
+the optimizer and scheduler states, every RNG state and the step (which fixes the data position), so a run
+killed at any moment and started again takes the same steps on the same batches with the same randomness.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from alignkit.config import to_dict
+from alignkit.data.collate import to_device
+from alignkit.errors import TrainingError, UserError
+from alignkit.models.load import default_device, trainable_parameters
+
+
+@dataclass
+class StepOutput:
+    """What a trainer's loss function returns for one micro-batch."""
+
+    loss: torch.Tensor                     # scalar: the loss *summed* over the batch's loss units
+    metrics: dict[str, tuple[float, float]] = field(default_factory=dict)  # name -> (sum, count)
+
+
+@dataclass
+class Task:
+    """Everything method-specific that `fit` needs."""
+
+    name: str
+    model: torch.nn.Module
+    train_examples: list
+    collate: Callable[[list], Any]
+    loss: Callable[[torch.nn.Module, Any], StepOutput]
+    units: Callable[[Any], int]              # loss units in a batch (tokens or examples): the loss normaliser
+    tokens: Callable[[Any], int]             # real tokens in a batch, for tokens_per_s
+    save_final: Callable[[Path], None]
+    eval_examples: list | None = None
+
+
+# ------------------------------------------------------------------------------------------------ seeding
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    py = random.getstate()
+    np_state = np.random.get_state()
+    state = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": torch.get_rng_state().tolist(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+
+# ------------------------------------------------------------------------------------------- data order
+class DataOrder:
+    """Micro-batch k of a run, as a pure function of (seed, k): a fresh shuffle every epoch."""
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int):
+        self.n, self.batch_size, self.seed = num_examples, batch_size, seed
+        self.batches_per_epoch = math.ceil(num_examples / batch_size)
+        self._epoch, self._perm = -1, None
+
+    def batch(self, k: int) -> list[int]:
+        epoch, j = divmod(k, self.batches_per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
+        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+
+    def epoch(self, k: int) -> float:
+        return k / self.batches_per_epoch
+
+
+def total_steps(cfg, order: DataOrder) -> int:
+    if cfg.max_steps > 0:
+        return cfg.max_steps
+    return max(1, math.ceil(cfg.epochs * order.batches_per_epoch / cfg.grad_accum))
+
+
+# ------------------------------------------------------------------------------ optimizer and schedule
+def build_optimizer(model, cfg) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases or norm weights)."""
+    params = trainable_parameters(model)
+    decay = [p for p in params.values() if p.ndim >= 2]
+    no_decay = [p for p in params.values() if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
+
+
+def lr_multiplier(step: int, schedule: str, warmup_steps: int, total: int) -> float:
+    """Learning-rate factor at optimizer step `step` (0-based): linear warmup, then the schedule."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))  # cosine
+
+
+def build_scheduler(optimizer, cfg, total: int):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, cfg.lr_schedule, cfg.warmup_steps, total))
+
+
+# ------------------------------------------------------------------------------------------- one step
+def train_step(model, optimizer, scheduler, batches: list, task: Task, max_grad_norm: float) -> dict:
+    """One optimizer step over micro-batches. The loss is normalised by the loss units of *all* of them,
+    so k micro-batches × accumulation give exactly the gradient of one batch of their union.
+
+    Returns the step's metrics, with `finite` False (and no update made) for a NaN/Inf loss or gradient.
+    """
+    device = default_device()
+    total_units = sum(task.units(b) for b in batches)
+    sums: dict[str, list[float]] = {}
+    loss_sum = 0.0
+    for batch in batches:
+        out = task.loss(model, to_device(batch, device))
+        (out.loss / max(total_units, 1)).backward()
+        loss_sum += float(out.loss.detach())
+        for name, (s, c) in out.metrics.items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += c
+    params = [p for p in model.parameters() if p.requires_grad]
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
+    if finite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    metrics = {"loss": loss_sum / max(total_units, 1), "grad_norm": float(grad_norm)}
+    metrics.update({k: s / c for k, (s, c) in sums.items() if c > 0})
+    metrics["finite"] = finite
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, task: Task, examples: list, batch_size: int) -> dict[str, float]:
+    """Loss and the task's metrics over `examples`, prefixed `eval/`."""
+    model.eval()
+    device = default_device()
+    loss_sum, units, sums = 0.0, 0, {}
+    for i in range(0, len(examples), batch_size):
+        batch = task.collate(examples[i:i + batch_size])
+        out = task.loss(model, to_device(batch, device))
+        loss_sum += float(out.loss)
+        units += task.units(batch)
+        for name, (s, c) in out.metrics.items():
+            acc = sums.setdefault(name, [0.0, 0.0])
+            acc[0] += s
+            acc[1] += c
+    model.train()
+    result = {"eval/loss": loss_sum / max(units, 1)}
+    result.update({f"eval/{k}": s / c for k, (s, c) in sums.items() if c > 0})
+    return result
+
+
+# ---------------------------------------------------------------------------------------- run folder
+class RunDir:
+    """OUTPUT_DIR with config.yaml, metrics.jsonl, checkpoints/step-N/ and final/ (SPEC §6)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.checkpoints = self.path / "checkpoints"
+        self.metrics_path = self.path / "metrics.jsonl"
+        self.final = self.path / "final"
+        self.done_marker = self.path / "final" / "alignkit_run.json"
+
+    def checkpoint_steps(self) -> list[int]:
+        if not self.checkpoints.is_dir():
+            return []
+        steps = []
+        for d in self.checkpoints.iterdir():
+            if d.is_dir() and d.name.startswith("step-") and (d / "state.json").is_file():
+                try:
+                    steps.append(int(d.name[5:]))
+                except ValueError:
+                    pass
+        return sorted(steps)
+
+    def start(self, cfg, resume: str) -> Path | None:
+        """Create the folder and write config.yaml; return the checkpoint to resume from (or None)."""
+        import yaml
+
+        if resume == "never" and self.path.exists():
+            for p in (self.checkpoints, self.final, self.metrics_path):
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / ".config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        os.replace(tmp, self.path / "config.yaml")
+        for leftover in self.checkpoints.glob(".step-*") if self.checkpoints.is_dir() else []:
+            shutil.rmtree(leftover, ignore_errors=True)  # half-written by a killed run: never used
+        if resume == "never":
+            return None
+        if resume != "auto":
+            path = Path(resume)
+            if not (path / "state.json").is_file():
+                raise UserError(f'field "resume": {resume} is not a complete checkpoint folder')
+            return path
+        steps = self.checkpoint_steps()
+        return self.checkpoints / f"step-{steps[-1]}" if steps else None
+
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        tmp = self.checkpoints / f".step-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        weights = {n: p.detach().to("cpu").contiguous() for n, p in trainable_parameters(model).items()}
+        save_file(weights, tmp / "model.safetensors")
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
+        final = self.checkpoints / f"step-{step}"
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)  # the rename is what makes a checkpoint exist: it is complete or absent
+        for old in self.checkpoint_steps()[:-keep]:
+            shutil.rmtree(self.checkpoints / f"step-{old}", ignore_errors=True)
+        return final
+
+    @staticmethod
+    def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+        weights = load_file(path / "model.safetensors")
+        params = trainable_parameters(model)
+        missing = set(params) - set(weights)
+        if missing:
+            raise UserError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:3]})")
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(weights[name].to(p.device, p.dtype))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        state = json.loads((path / "state.json").read_text())
+        set_rng_state(state["rng"])
+        return state
+
+
+class MetricsLog:
+    """Appends one JSON object per logged step to metrics.jsonl (and to TensorBoard/W&B/MLflow if asked)."""
+
+    def __init__(self, run: RunDir, report_to: str, resume_step: int):
+        self.path = run.metrics_path
+        if self.path.exists():  # drop what a killed run logged after its last checkpoint
+            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
+                    json.loads(ln).get("step", 0) <= resume_step]
+            self.path.write_text("".join(ln + "\n" for ln in kept))
+        self.file = open(self.path, "a", encoding="utf-8")
+        self.writer = _tracker(report_to, run)
+
+    def log(self, step: int, metrics: dict) -> None:
+        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
+                 for k, v in metrics.items()}
+        self.file.write(json.dumps({"step": step, **clean}) + "\n")
+        self.file.flush()
+        if self.writer is not None:
+            self.writer(step, clean)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def _tracker(report_to: str, run: RunDir):
+    if report_to == "none":
+        return None
+    if report_to == "tensorboard":
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise UserError('report_to "tensorboard" needs the tensorboard package: pip install tensorboard') from None
+        writer = SummaryWriter(str(run.path / "tensorboard"))
+
+        def write(step, metrics):
+            for k, v in metrics.items():
+                if isinstance(v, float):
+                    writer.add_scalar(k, v, step)
+            writer.flush()
+        return write
+    if report_to == "wandb":
+        try:
+            import wandb
+        except ImportError:
+            raise UserError('report_to "wandb" needs: pip install "alignkit[tracking]"') from None
+        wandb.init(dir=str(run.path), name=run.path.name)
+        return lambda step, metrics: wandb.log(metrics, step=step)
+    try:
+        import mlflow
+    except ImportError:
+        raise UserError('report_to "mlflow" needs: pip install "alignkit[tracking]"') from None
+    mlflow.start_run(run_name=run.path.name)
+    return lambda step, metrics: mlflow.log_metrics(
+        {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, float)}, step=step)
+
+
+# ----------------------------------------------------------------------------------------------- fit
+def fit(cfg, task: Task) -> dict:
+    """Train `task` as `cfg` says; return the last logged metrics. Resumes from the newest checkpoint."""
+    if cfg.num_threads > 0:
+        torch.set_num_threads(cfg.num_threads)
+    run = RunDir(cfg.output_dir)
+    if cfg.resume == "auto" and run.done_marker.is_file():
+        print(f"{run.path}: this run is already complete (final/ exists); use --resume never to start over")
+        return json.loads(run.done_marker.read_text()).get("metrics", {})
+    model = task.model
+    model.train()
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    order = DataOrder(len(task.train_examples), cfg.batch_size, cfg.seed)
+    steps = total_steps(cfg, order)
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    eval_bs = cfg.eval_batch_size or cfg.batch_size
+
+    checkpoint = run.start(cfg, cfg.resume)
+    state = {"consecutive_bad": 0, "skipped_steps": 0}
+    start = 0
+    if checkpoint is not None:
+        state = RunDir.load_checkpoint(checkpoint, model, optimizer, scheduler)
+        start = state.pop("step")
+        state.pop("rng", None)
+        print(f"resuming from {checkpoint} (step {start} of {steps})", file=sys.stderr)
+    log = MetricsLog(run, cfg.report_to, start)
+    last: dict = {}
+    if start == 0 and task.eval_examples and cfg.eval_every > 0:
+        log.log(0, evaluate(model, task, task.eval_examples, eval_bs))
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=f"alignkit {task.name}", unit="step", disable=None,
+               dynamic_ncols=True, file=sys.stderr)
+    window: list[dict] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    for step in range(start + 1, steps + 1):
+        first = (step - 1) * cfg.grad_accum
+        batches = [task.collate([task.train_examples[i] for i in order.batch(k)])
+                   for k in range(first, first + cfg.grad_accum)]
+        metrics = train_step(model, optimizer, scheduler, batches, task, cfg.max_grad_norm)
+        window_tokens += sum(task.tokens(b) for b in batches)
+        if metrics.pop("finite"):
+            state["consecutive_bad"] = 0
+            window.append(metrics)
+        else:
+            state["consecutive_bad"] += 1
+            state["skipped_steps"] += 1
+            print(f"step {step}: non-finite loss or gradient, step skipped "
+                  f"({state['consecutive_bad']} in a row)", file=sys.stderr)
+            if state["consecutive_bad"] >= cfg.max_bad_steps:
+                log.close()
+                good = run.checkpoint_steps()
+                where = f"last good checkpoint: {run.checkpoints / f'step-{good[-1]}'}" if good else "no checkpoint"
+                raise TrainingError(f"{state['consecutive_bad']} non-finite steps in a row at step {step} "
+                                    f"(lower the learning rate, check the data); {where}")
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == steps:
+            elapsed = time.perf_counter() - window_start
+            last = {k: sum(m[k] for m in window if k in m) / max(1, sum(k in m for m in window))
+                    for k in (window[-1] if window else {})}
+            last.update({"lr": scheduler.get_last_lr()[0], "epoch": order.epoch(step * cfg.grad_accum),
+                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                         "skipped_steps": state["skipped_steps"]})
+            log.log(step, last)
+            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
+            window, window_tokens, window_start = [], 0, time.perf_counter()
+        if task.eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
+            result = evaluate(model, task, task.eval_examples, eval_bs)
+            log.log(step, result)
+            last.update(result)
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+            run.save_checkpoint(step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+    bar.close()
+    log.close()
+    task.save_final(run.final)
+    run.done_marker.write_text(json.dumps({"step": steps, "metrics": last}))
+    print(f"alignkit {task.name}: done, {steps} steps; final model in {run.final}")
+    return last

@@ -1,0 +1,155 @@
+"""Tokenization conventions, collation, and the one log-prob function against an unpadded oracle."""
+
+import pytest
+import torch
+
+from alignkit.data.collate import Tokenized, collate_pairs, collate_rankings, collate_sequences
+from alignkit.data.collate import TokenizedPair, TokenizedRanking
+from alignkit.data.rows import PairRow, SFTRow
+from alignkit.data.tokenize import DEFAULT_CHAT_TEMPLATE, Encoder
+from alignkit.models.logps import reward_scores, sequence_logps
+
+
+def words(tokenizer, ids):
+    return tokenizer.convert_ids_to_tokens(ids)
+
+
+def test_prompt_completion_gets_bos_and_eos_and_masks_the_prompt(tokenizer):
+    enc = Encoder(tokenizer, max_length=32, max_prompt_length=16)
+    seq = enc.sft(SFTRow("copy cat dog ->", "cat dog", None, "x:1"))
+    assert words(tokenizer, seq.ids) == ["<s>", "copy", "cat", "dog", "->", "cat", "dog", "</s>"]
+    assert seq.loss_mask == [False] * 5 + [True] * 3
+
+
+def test_eos_not_doubled_and_text_rows_train_on_everything(tokenizer):
+    enc = Encoder(tokenizer, 32, 16)
+    assert enc.response_ids("copy ->", "cat </s>")[-2:] == [enc.tokenizer.convert_tokens_to_ids("cat"), enc.eos_id]
+    seq = enc.sft(SFTRow("", "the cat", None, "x:1"))
+    assert words(tokenizer, seq.ids) == ["<s>", "the", "cat", "</s>"]
+    assert seq.loss_mask == [False, True, True, True]
+    full = enc.sft(SFTRow("copy ->", "cat", None, "x:1"), completion_only=False)
+    assert all(full.loss_mask)
+
+
+def test_truncation_keeps_prompt_end_and_cuts_response_end(tokenizer):
+    enc = Encoder(tokenizer, max_length=6, max_prompt_length=3)
+    seq = enc.sft(SFTRow("copy red blue green ->", "cat dog owl bee", None, "x:1"))
+    assert words(tokenizer, seq.ids[:3]) == ["blue", "green", "->"]
+    assert words(tokenizer, seq.ids[3:]) == ["cat", "dog", "owl"]  # response cut at its end: no EOS
+    assert len(seq) == 6
+
+
+def test_messages_train_on_assistant_turns_only(tokenizer):
+    enc = Encoder(tokenizer, 64, 32)
+    messages = [{"role": "system", "content": "kind"}, {"role": "user", "content": "copy cat"},
+                {"role": "assistant", "content": "cat"}, {"role": "user", "content": "copy dog"},
+                {"role": "assistant", "content": "dog"}]
+    seq = enc.sft(SFTRow(None, None, messages, "x:1"))
+    trained = [w for w, m in zip(words(tokenizer, seq.ids), seq.loss_mask) if m]
+    assert trained == ["cat", "</s>", "dog", "</s>"]
+    assert words(tokenizer, seq.ids)[:4] == ["<s>", "system", ":", "kind"]
+
+
+def test_default_template_and_conversational_response(tokenizer):
+    assert tokenizer.chat_template == DEFAULT_CHAT_TEMPLATE  # the word tokenizer ships none
+    enc = Encoder(tokenizer, 64, 32)
+    prompt = [{"role": "user", "content": "copy cat"}]
+    assert words(tokenizer, enc.prompt_ids(prompt)) == ["<s>", "user", ":", "copy", "cat", "assistant", ":"]
+    chosen = [{"role": "assistant", "content": "cat"}]
+    assert words(tokenizer, enc.response_ids(prompt, chosen)) == ["cat", "</s>"]
+    # a string prompt with a string response stays a plain concatenation
+    assert words(tokenizer, enc.response_ids("copy cat ->", "cat")) == ["cat", "</s>"]
+
+
+def test_collate_pads_and_positions(tokenizer):
+    a, b = Tokenized([1, 5, 6], [False, True, True]), Tokenized([1, 7], [False, True])
+    right = collate_sequences([a, b], pad_id=0)
+    assert right.input_ids.tolist() == [[1, 5, 6], [1, 7, 0]]
+    assert right.position_ids.tolist() == [[0, 1, 2], [0, 1, 1]]
+    left = collate_sequences([a, b], pad_id=0, padding_side="left")
+    assert left.input_ids.tolist() == [[1, 5, 6], [0, 1, 7]]
+    assert left.position_ids.tolist() == [[0, 1, 2], [0, 0, 1]]
+    assert left.loss_mask.tolist() == [[False, True, True], [False, False, True]]
+    assert right.num_targets == 3 and right.num_tokens == 5
+
+
+def test_collate_pairs_and_rankings():
+    t = lambda n: Tokenized(list(range(1, n + 1)), [False] + [True] * (n - 1))  # noqa: E731
+    pb = collate_pairs([TokenizedPair(t(3), t(2), 1.5), TokenizedPair(t(4), t(2), None)], pad_id=0)
+    assert pb.size == 2 and pb.sequences.input_ids.shape == (4, 4)
+    assert pb.margin.tolist() == [1.5, 0.0]
+    rb = collate_rankings([TokenizedRanking((t(2), t(3), t(2)), (0, 1, 1)), TokenizedRanking((t(2), t(2)), (0, 1))], 0)
+    assert rb.index.tolist() == [[0, 1, 2], [3, 4, 0]]
+    assert rb.mask.tolist() == [[True, True, True], [True, True, False]]
+    assert rb.ties[0].tolist() == [0, 1, 1]
+
+
+def _oracle_logps(model, seq: Tokenized) -> float:
+    """One row, no padding, no batching: Σ log softmax(logits[t-1])[ids[t]] over target tokens t."""
+    ids = torch.tensor([seq.ids])
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[0].double()
+    logp = torch.log_softmax(logits, -1)
+    return sum(float(logp[t - 1, seq.ids[t]]) for t in range(1, len(seq.ids)) if seq.loss_mask[t])
+
+
+@pytest.fixture(scope="module")
+def double_model(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+
+
+def _ragged(tokenizer, n=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    seqs = []
+    for i in range(n):
+        plen, rlen = 2 + i % 3, 1 + (3 * i) % 5
+        ids = torch.randint(5, len(tokenizer), (plen + rlen,), generator=g).tolist()
+        seqs.append(Tokenized([1] + ids, [False] * (plen + 1) + [True] * rlen))
+    return seqs
+
+
+def test_logps_left_right_padding_match_unpadded_oracle(double_model, tokenizer):
+    seqs = _ragged(tokenizer)
+    oracle = torch.tensor([_oracle_logps(double_model, s) for s in seqs], dtype=torch.float64)
+    with torch.no_grad():
+        right = sequence_logps(double_model, collate_sequences(seqs, tokenizer.pad_token_id, "right"))
+        left = sequence_logps(double_model, collate_sequences(seqs, tokenizer.pad_token_id, "left"))
+    torch.testing.assert_close(right.logps.double(), oracle, rtol=0, atol=1e-5)  # logits are cast to float32
+    torch.testing.assert_close(left.logps.double(), oracle, rtol=0, atol=1e-5)
+    assert right.lengths.tolist() == [sum(s.loss_mask) for s in seqs]
+    assert torch.isfinite(left.token_logps).all()
+
+
+def test_reward_scores_read_the_last_real_token_either_padding(tiny_model_dir, tokenizer):
+    from alignkit.models.load import load_reward_model
+
+    torch.manual_seed(0)
+    model = load_reward_model(tiny_model_dir, tokenizer.pad_token_id).double().eval()
+    torch.nn.init.normal_(model.score.weight)  # a non-zero head, so scores differ
+    seqs = _ragged(tokenizer, n=4, seed=1)
+    with torch.no_grad():
+        single = torch.stack([model(input_ids=torch.tensor([s.ids])).logits[0, 0] for s in seqs])
+        right = reward_scores(model, collate_sequences(seqs, tokenizer.pad_token_id, "right"))
+        left = reward_scores(model, collate_sequences(seqs, tokenizer.pad_token_id, "left"))
+    torch.testing.assert_close(right.double(), single, rtol=0, atol=1e-5)
+    torch.testing.assert_close(left.double(), single, rtol=0, atol=1e-5)
+
+
+def test_new_reward_head_starts_at_zero(tiny_model_dir, tokenizer):
+    from alignkit.models.load import load_reward_model
+
+    model = load_reward_model(tiny_model_dir, tokenizer.pad_token_id)
+    assert float(model.score.weight.detach().abs().sum()) == 0.0
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_pair_rows_share_the_prompt_tokens(tokenizer):
+    from alignkit.train.reward import encode_pair
+
+    enc = Encoder(tokenizer, 32, 16)
+    pair = encode_pair(enc, PairRow("describe the cat ->", "kind clear", "rude", 2.0, "x:1"))
+    assert pair.chosen.ids[:5] == pair.rejected.ids[:5]
+    assert words(tokenizer, pair.rejected.ids[5:]) == ["rude", "</s>"]
+    assert pair.margin == 2.0
