@@ -290,7 +290,7 @@ def test_sft_token_loss_through_sequence_logps_equals_cross_entropy():
 
     torch.manual_seed(1)
     logits = torch.randn(2, 5, 7, dtype=F64)
-    model = lambda **kw: SimpleNamespace(logits=logits)  # noqa: E731  (a stand-in causal LM)
+    model = lambda **kw: SimpleNamespace(logits=logits)
     batch = collate_sequences([Tokenized([1, 2, 3, 4, 5], [False, False, True, True, True]),
                                Tokenized([1, 6, 2, 0, 0][:3], [False, True, True])], pad_id=0)
     lp = sequence_logps(model, batch)

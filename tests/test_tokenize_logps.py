@@ -3,8 +3,14 @@
 import pytest
 import torch
 
-from alignkit.data.collate import Tokenized, collate_pairs, collate_rankings, collate_sequences
-from alignkit.data.collate import TokenizedPair, TokenizedRanking
+from alignkit.data.collate import (
+    Tokenized,
+    TokenizedPair,
+    TokenizedRanking,
+    collate_pairs,
+    collate_rankings,
+    collate_sequences,
+)
 from alignkit.data.rows import PairRow, SFTRow
 from alignkit.data.tokenize import DEFAULT_CHAT_TEMPLATE, Encoder
 from alignkit.models.logps import reward_scores, sequence_logps
@@ -74,7 +80,7 @@ def test_collate_pads_and_positions(tokenizer):
 
 
 def test_collate_pairs_and_rankings():
-    t = lambda n: Tokenized(list(range(1, n + 1)), [False] + [True] * (n - 1))  # noqa: E731
+    t = lambda n: Tokenized(list(range(1, n + 1)), [False] + [True] * (n - 1))
     pb = collate_pairs([TokenizedPair(t(3), t(2), 1.5), TokenizedPair(t(4), t(2), None)], pad_id=0)
     assert pb.size == 2 and pb.sequences.input_ids.shape == (4, 4)
     assert pb.margin.tolist() == [1.5, 0.0]

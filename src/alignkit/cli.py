@@ -11,8 +11,15 @@ import os
 import sys
 import typing
 
-from alignkit.config import RewardConfig, SFTConfig, _base_type, build_config, config_fields, load_yaml
-from alignkit.config import unknown_field_error
+from alignkit.config import (
+    RewardConfig,
+    SFTConfig,
+    _base_type,
+    build_config,
+    config_fields,
+    load_yaml,
+    unknown_field_error,
+)
 from alignkit.errors import TrainingError, UserError
 
 # command -> (config class, "module:function" that runs it, one-line description)
@@ -97,7 +104,7 @@ def _run_data_check(args: argparse.Namespace) -> None:
         from alignkit.models.load import load_tokenizer
 
         tokenizer = load_tokenizer(args.model)
-        count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+        count_tokens = lambda text: len(tokenizer(text, add_special_tokens=False).input_ids)
     report = check_rows(result, count_tokens=count_tokens, max_length=args.max_length)
     print(format_report(report))
 

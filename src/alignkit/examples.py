@@ -8,12 +8,12 @@ import json
 import random
 from pathlib import Path
 
-ANIMALS = "cat dog fox owl bee cow pig hen ant elk".split()
-COLORS = "red blue green gold pink gray black white".split()
-GOOD = "kind clear helpful honest useful correct precise polite".split()
-BAD = "rude vague wrong lazy messy false sloppy unclear".split()
-FILLER = "the a and of is it this that very so".split()
-TASK = "list name describe copy answer please ->".split()
+ANIMALS = ["cat", "dog", "fox", "owl", "bee", "cow", "pig", "hen", "ant", "elk"]
+COLORS = ["red", "blue", "green", "gold", "pink", "gray", "black", "white"]
+GOOD = ["kind", "clear", "helpful", "honest", "useful", "correct", "precise", "polite"]
+BAD = ["rude", "vague", "wrong", "lazy", "messy", "false", "sloppy", "unclear"]
+FILLER = ["the", "a", "and", "of", "is", "it", "this", "that", "very", "so"]
+TASK = ["list", "name", "describe", "copy", "answer", "please", "->"]
 WORDS = ANIMALS + COLORS + GOOD + BAD + FILLER + TASK
 
 

@@ -12,8 +12,14 @@ from __future__ import annotations
 
 import torch
 
-from alignkit.data.collate import PairBatch, RankedBatch, TokenizedPair, TokenizedRanking, collate_pairs
-from alignkit.data.collate import collate_rankings
+from alignkit.data.collate import (
+    PairBatch,
+    RankedBatch,
+    TokenizedPair,
+    TokenizedRanking,
+    collate_pairs,
+    collate_rankings,
+)
 from alignkit.data.convert import ranked_to_pairwise
 from alignkit.data.rows import PairRow, RankedRow, tie_groups
 from alignkit.data.tokenize import Encoder
@@ -85,10 +91,10 @@ def train_reward(cfg) -> dict:
         kind, train_rows, eval_rows = "pairwise", ranked_to_pairwise(train_rows), ranked_to_pairwise(eval_rows)
     if kind == "pairwise":
         encode, collate = encode_pair, collate_pairs
-        loss = lambda m, b: pairwise_step_loss(m, b, cfg.use_margin, cfg.center_rewards)  # noqa: E731
+        loss = lambda m, b: pairwise_step_loss(m, b, cfg.use_margin, cfg.center_rewards)
     else:
         encode, collate = encode_ranking, collate_rankings
-        loss = lambda m, b: ranked_step_loss(m, b, cfg.center_rewards)  # noqa: E731
+        loss = lambda m, b: ranked_step_loss(m, b, cfg.center_rewards)
     train = [encode(encoder, r) for r in train_rows]
     evals = [encode(encoder, r) for r in eval_rows]
     model = load_reward_model(cfg.model, pad, cfg.dtype, cfg.trust_remote_code)
