@@ -296,9 +296,9 @@ def test_sft_token_loss_through_sequence_logps_equals_cross_entropy():
     lp = sequence_logps(model, batch)
     loss = sft_token_loss(lp.token_logps, lp.mask)
     targets = batch.input_ids[:, 1:]
-    ce = torch.nn.functional.cross_entropy(logits[:, :-1].float().reshape(-1, 7), targets.reshape(-1),
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 7), targets.reshape(-1),
                                            reduction="none").view(2, 4)
-    torch.testing.assert_close(loss, torch.where(lp.mask, ce, 0.0), rtol=1e-6, atol=1e-6)
+    close(loss, torch.where(lp.mask, ce, 0.0))
     assert lp.mask.tolist() == [[False, True, True, True], [True, True, False, False]]
 
 

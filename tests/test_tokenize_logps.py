@@ -122,8 +122,8 @@ def test_logps_left_right_padding_match_unpadded_oracle(double_model, tokenizer)
     with torch.no_grad():
         right = sequence_logps(double_model, collate_sequences(seqs, tokenizer.pad_token_id, "right"))
         left = sequence_logps(double_model, collate_sequences(seqs, tokenizer.pad_token_id, "left"))
-    torch.testing.assert_close(right.logps.double(), oracle, rtol=0, atol=1e-5)  # logits are cast to float32
-    torch.testing.assert_close(left.logps.double(), oracle, rtol=0, atol=1e-5)
+    torch.testing.assert_close(right.logps, oracle, rtol=0, atol=1e-10)  # a float64 model stays float64
+    torch.testing.assert_close(left.logps, oracle, rtol=0, atol=1e-10)
     assert right.lengths.tolist() == [sum(s.loss_mask) for s in seqs]
     assert torch.isfinite(left.token_logps).all()
 
@@ -139,8 +139,8 @@ def test_reward_scores_read_the_last_real_token_either_padding(tiny_model_dir, t
         single = torch.stack([model(input_ids=torch.tensor([s.ids])).logits[0, 0] for s in seqs])
         right = reward_scores(model, collate_sequences(seqs, tokenizer.pad_token_id, "right"))
         left = reward_scores(model, collate_sequences(seqs, tokenizer.pad_token_id, "left"))
-    torch.testing.assert_close(right.double(), single, rtol=0, atol=1e-5)
-    torch.testing.assert_close(left.double(), single, rtol=0, atol=1e-5)
+    torch.testing.assert_close(right, single, rtol=0, atol=1e-10)
+    torch.testing.assert_close(left, single, rtol=0, atol=1e-10)
 
 
 def test_new_reward_head_starts_at_zero(tiny_model_dir, tokenizer):

@@ -38,10 +38,11 @@ def forward_logits(model, batch: SequenceBatch) -> torch.Tensor:
 def sequence_logps(model, batch: SequenceBatch) -> LogProbs:
     """Log-probabilities of the target tokens of `batch` under `model` (a causal LM).
 
-    Computed as logit[target] − logsumexp(logits), in float32, without materialising a (N, T, V)
+    Computed as logit[target] − logsumexp(logits), in float32 at least, without materialising a (N, T, V)
     log-softmax. Padding and prompt positions give exactly 0 (torch.where, so nothing leaks from them).
     """
-    logits = forward_logits(model, batch)[:, :-1].float()          # (N, T-1, V)
+    logits = forward_logits(model, batch)[:, :-1]
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, T-1, V); bf16 → fp32
     targets = batch.input_ids[:, 1:]                                 # (N, T-1)
     mask = batch.loss_mask[:, 1:]                                    # (N, T-1)
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)    # (N, T-1)
@@ -57,4 +58,5 @@ def reward_scores(model, batch: SequenceBatch) -> torch.Tensor:
     """
     out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                 position_ids=batch.position_ids, use_cache=False)
-    return out.logits[:, 0].float()
+    scores = out.logits[:, 0]
+    return scores.to(torch.promote_types(scores.dtype, torch.float32))

@@ -43,8 +43,11 @@ def build_word_tokenizer(words: list[str]):
 
 
 def build_tiny_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_heads: int = 4,
-                     intermediate_size: int | None = None, max_position_embeddings: int = 512, seed: int = 0):
-    """A randomly initialised `LlamaForCausalLM` sized for CPU tests (deterministic given `seed`)."""
+                     intermediate_size: int | None = None, max_position_embeddings: int = 512, seed: int = 0,
+                     **config_kwargs):
+    """A randomly initialised `LlamaForCausalLM` sized for CPU tests (deterministic given `seed`).
+
+    `config_kwargs` go to `LlamaConfig` (e.g. `attention_dropout=0.1`)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -60,6 +63,7 @@ def build_tiny_llama(tokenizer, hidden_size: int = 64, num_layers: int = 2, num_
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        **config_kwargs,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,7 +165,9 @@ def train_step(model, optimizer, scheduler, batches: list, task: Task, max_grad_
     if finite:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    scheduler.step()
+    with warnings.catch_warnings():  # a skipped step still advances the schedule (torch warns about that)
+        warnings.simplefilter("ignore", UserWarning)
+        scheduler.step()
     metrics = {"loss": loss_sum / max(total_units, 1), "grad_norm": float(grad_norm)}
     metrics.update({k: s / c for k, (s, c) in sums.items() if c > 0})
     metrics["finite"] = finite

@@ -1,0 +1,179 @@
+"""The shared training mechanics: schedules, data order, accumulation invariance, NaN guard, checkpoints,
+exact resume after a crash."""
+
+import json
+import math
+
+import pytest
+import torch
+
+from alignkit.config import RewardConfig, SFTConfig
+from alignkit.data.collate import Tokenized, collate_sequences
+from alignkit.errors import TrainingError
+from alignkit.examples import pairwise_rows, sft_rows, write_jsonl
+from alignkit.train import loop
+from alignkit.train.loop import DataOrder, StepOutput, Task, lr_multiplier, train_step
+from alignkit.train.sft import sft_step_loss
+
+
+def test_schedules_by_hand():
+    """warmup 2, total 10: steps 0,1 → 1/3, 2/3; then linear 1 − (s−2)/8, cosine ½(1 + cos(π(s−2)/8))."""
+    assert lr_multiplier(0, "linear", 2, 10) == pytest.approx(1 / 3)
+    assert lr_multiplier(1, "cosine", 2, 10) == pytest.approx(2 / 3)
+    assert lr_multiplier(2, "linear", 2, 10) == 1.0
+    assert lr_multiplier(6, "linear", 2, 10) == pytest.approx(0.5)
+    assert lr_multiplier(6, "cosine", 2, 10) == pytest.approx(0.5)
+    assert lr_multiplier(4, "cosine", 2, 10) == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_multiplier(10, "linear", 2, 10) == 0.0
+    assert lr_multiplier(7, "constant", 0, 10) == 1.0
+
+
+def test_data_order_is_a_pure_function_of_seed_and_position():
+    a, b = DataOrder(10, 4, seed=3), DataOrder(10, 4, seed=3)
+    first = [a.batch(k) for k in range(6)]
+    assert [b.batch(k) for k in reversed(range(6))] == list(reversed(first))  # any access order
+    epoch0 = sorted(i for k in range(3) for i in first[k])
+    assert epoch0 == list(range(10)) and first[:3] != first[3:6]  # each epoch a full, fresh shuffle
+    assert DataOrder(10, 4, seed=4).batch(0) != first[0]
+
+
+def _sft_task(model, examples, pad):
+    return Task(name="t", model=model, train_examples=examples, collate=lambda xs: collate_sequences(xs, pad),
+                loss=sft_step_loss, units=lambda b: b.num_targets, tokens=lambda b: b.num_tokens,
+                save_final=lambda p: None)
+
+
+def _ragged_examples(n=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        plen, rlen = 2 + i % 3, 1 + (5 * i) % 7  # very different response lengths
+        ids = torch.randint(5, 50, (plen + rlen,), generator=g).tolist()
+        out.append(Tokenized([1] + ids, [False] * (plen + 1) + [True] * rlen))
+    return out
+
+
+def test_accumulation_equals_one_big_batch(tiny_model_dir):
+    """4 micro-batches of 2 with grad_accum 4 give the same update as one batch of 8: the loss is normalised by
+    the target tokens of the whole step, not averaged per micro-batch (which would weight short rows more)."""
+    from alignkit.models.load import load_causal_lm
+
+    cfg = SFTConfig(model="m", data=("d",), lr=1e-2, max_steps=1, lr_schedule="constant")
+    examples = _ragged_examples()
+    results = []
+    for micro in (8, 2):
+        torch.manual_seed(0)
+        model = load_causal_lm(tiny_model_dir, "float32").double()
+        task = _sft_task(model, examples, 0)
+        opt = loop.build_optimizer(model, cfg)
+        sched = loop.build_scheduler(opt, cfg, 1)
+        batches = [task.collate(examples[i:i + micro]) for i in range(0, 8, micro)]
+        m = train_step(model, opt, sched, batches, task, max_grad_norm=0.0)
+        results.append((m, {n: p.detach().clone() for n, p in model.named_parameters()}))
+    (m_big, p_big), (m_small, p_small) = results
+    assert m_big["loss"] == pytest.approx(m_small["loss"], rel=1e-12)
+    assert m_big["grad_norm"] == pytest.approx(m_small["grad_norm"], rel=1e-9)
+    for name in p_big:
+        torch.testing.assert_close(p_big[name], p_small[name], rtol=0, atol=1e-12)
+
+
+def test_nan_steps_are_skipped_then_the_run_stops(tmp_path, tiny_model_dir):
+    from alignkit.models.load import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def nan_loss(m, batch):
+        out = sft_step_loss(m, batch)
+        return StepOutput(out.loss * float("nan"))
+
+    task = _sft_task(model, _ragged_examples(), 0)
+    task.loss = nan_loss
+    cfg = SFTConfig(model="m", data=("d",), output_dir=str(tmp_path / "run"), max_steps=10, batch_size=4,
+                    max_bad_steps=3, save_every=1)
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        loop.fit(cfg, task)
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n  # no update was applied
+    assert not (tmp_path / "run" / "final").exists()
+
+
+def _write_run_inputs(tmp_path, kind):
+    if kind == "sft":
+        return write_jsonl(tmp_path / "sft.jsonl", sft_rows(64, seed=1))
+    return write_jsonl(tmp_path / "prefs.jsonl", pairwise_rows(64, seed=1))
+
+
+class Crash(Exception):
+    pass
+
+
+@pytest.mark.parametrize("kind", ["sft", "reward"])
+def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, monkeypatch, kind):
+    """Crash inside step 7 (after the step-6 checkpoint), run again: the final weights equal an uninterrupted
+    run's exactly. Uses dropout so that RNG restoration matters too."""
+    from safetensors.torch import load_file
+
+    from alignkit.examples import make_tiny_model
+    from alignkit.train.reward import train_reward
+    from alignkit.train.sft import train_sft
+
+    data = _write_run_inputs(tmp_path, kind)
+    cls, train = (SFTConfig, train_sft) if kind == "sft" else (RewardConfig, train_reward)
+    model_dir = str(make_tiny_model(tmp_path / "dropout-model", attention_dropout=0.2))
+
+    def cfg(out):
+        return cls(model=model_dir, data=(str(data),), output_dir=str(out), max_steps=10, batch_size=4,
+                   grad_accum=2, lr=1e-3, lr_schedule="cosine", warmup_steps=2, save_every=3, eval_fraction=0.0)
+
+    train(cfg(tmp_path / "straight"))
+
+    real_step = loop.train_step
+    calls = {"n": 0}
+
+    def crashing_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise Crash()
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "train_step", crashing_step)
+    with pytest.raises(Crash):
+        train(cfg(tmp_path / "resumed"))
+    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-3", "step-6"]
+    monkeypatch.setattr(loop, "train_step", real_step)
+    train(cfg(tmp_path / "resumed"))
+
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps.count(7) == 1  # nothing logged twice after the resume
+
+
+def test_half_written_checkpoint_is_never_used(tmp_path, tiny_model_dir):
+    from alignkit.train.sft import train_sft
+
+    data = _write_run_inputs(tmp_path, "sft")
+    out = tmp_path / "run"
+    (out / "checkpoints" / ".step-9.tmp").mkdir(parents=True)
+    (out / "checkpoints" / "step-8").mkdir()  # no state.json: incomplete
+    train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=2, batch_size=4))
+    assert (out / "final" / "model.safetensors").is_file()
+    assert not (out / "checkpoints" / ".step-9.tmp").exists()
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2]  # started from scratch
+
+
+def test_completed_run_is_not_redone(tmp_path, tiny_model_dir, capsys):
+    from alignkit.train.sft import train_sft
+
+    data = _write_run_inputs(tmp_path, "sft")
+    cfg = SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(tmp_path / "run"), max_steps=2, batch_size=4)
+    train_sft(cfg)
+    mtime = (tmp_path / "run" / "final" / "model.safetensors").stat().st_mtime_ns
+    train_sft(cfg)
+    assert "already complete" in capsys.readouterr().out
+    assert (tmp_path / "run" / "final" / "model.safetensors").stat().st_mtime_ns == mtime
