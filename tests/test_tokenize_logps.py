@@ -159,3 +159,56 @@ def test_pair_rows_share_the_prompt_tokens(tokenizer):
     assert pair.chosen.ids[:5] == pair.rejected.ids[:5]
     assert words(tokenizer, pair.rejected.ids[5:]) == ["rude", "</s>"]
     assert pair.margin == 2.0
+
+
+def _random_pairs(tokenizer, n=5, seed=0):
+    from alignkit.data.collate import TokenizedPair
+
+    g = torch.Generator().manual_seed(seed)
+    pairs = []
+    for i in range(n):
+        p, c, r = 1 + i % 4, 1 + (2 * i) % 5, 1 + (3 * i + 1) % 6
+        ids = lambda k: torch.randint(5, len(tokenizer), (k,), generator=g).tolist()  # noqa: E731
+        prompt = [1] + ids(p)
+        chosen, rejected = ids(c), ids(r)
+        pairs.append(TokenizedPair(Tokenized(prompt + chosen, [False] * len(prompt) + [True] * c),
+                                   Tokenized(prompt + rejected, [False] * len(prompt) + [True] * r), margin=None))
+    return pairs
+
+
+def test_prefix_shared_pairs_equal_separate_sequences(double_model, tokenizer):
+    """[prompt | chosen | rejected] in one row with a 4D mask gives the log-probs of the two sequences alone."""
+    from alignkit.data.collate import collate_packed_pairs
+    from alignkit.models.logps import pair_logps
+
+    pairs = _random_pairs(tokenizer)
+    packed = collate_packed_pairs(pairs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        shared = pair_logps(double_model, packed)
+        plain = pair_logps(double_model, collate_pairs(pairs, tokenizer.pad_token_id))
+    oracle = torch.tensor([_oracle_logps(double_model, p.chosen) for p in pairs] +
+                          [_oracle_logps(double_model, p.rejected) for p in pairs], dtype=torch.float64)
+    torch.testing.assert_close(shared.logps, oracle, rtol=0, atol=1e-10)
+    torch.testing.assert_close(plain.logps, oracle, rtol=0, atol=1e-10)
+    assert shared.lengths.tolist() == plain.lengths.tolist()
+    assert packed.num_tokens < plain_tokens(pairs)
+
+
+def plain_tokens(pairs):
+    return sum(len(p.chosen) + len(p.rejected) for p in pairs)
+
+
+def test_fast_logits_path_is_checked_and_fallback_agrees(double_model, tokenizer):
+    """Only target positions go through the output layer; the shortcut is verified once against the full
+    forward, and the full-forward fallback gives the same numbers."""
+    from alignkit.models.logps import _unwrap
+
+    seqs = _ragged(tokenizer, n=3, seed=4)
+    batch = collate_sequences(seqs, tokenizer.pad_token_id)
+    with torch.no_grad():
+        fast = sequence_logps(double_model, batch).logps
+        assert _unwrap(double_model)._alignkit_fast_logits is True
+        double_model._alignkit_fast_logits = False
+        slow = sequence_logps(double_model, batch).logps
+        double_model._alignkit_fast_logits = True
+    torch.testing.assert_close(fast, slow, rtol=0, atol=1e-10)

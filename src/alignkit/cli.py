@@ -56,6 +56,9 @@ def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
 def _make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="alignkit", description="Align language models with preferences.", allow_abbrev=False)
+    from alignkit import __version__
+
+    parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (cls, _, desc) in TRAIN_COMMANDS.items():
         p = sub.add_parser(name, help=desc, description=f"alignkit {name}: {desc}. {cls.__doc__ or ''}",

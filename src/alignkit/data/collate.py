@@ -120,3 +120,81 @@ def to_device(batch, device):
     if dataclasses.is_dataclass(batch):
         return type(batch)(**{f.name: to_device(getattr(batch, f.name), device) for f in dataclasses.fields(batch)})
     return batch
+
+
+@dataclass
+class PackedPairBatch:
+    """Pairs with a shared prompt, one row each: [prompt | chosen | rejected], computed in one forward.
+
+    A 4D attention mask lets chosen tokens see the prompt and earlier chosen tokens, and rejected tokens see
+    the prompt and earlier rejected tokens (never the chosen ones); rejected position ids continue from the
+    prompt. So the prompt is computed once per pair instead of twice, and the log-probs equal those of two
+    separate sequences.
+    """
+
+    input_ids: torch.Tensor       # (B, T) long
+    attention_mask: torch.Tensor  # (B, 1, T, T) bool: True = query row may attend to key column
+    position_ids: torch.Tensor    # (B, T) long
+    positions: torch.Tensor       # (M,) flat index b·T + t of the logits that predict each target token
+    targets: torch.Tensor         # (M,) the target token ids
+    owner: torch.Tensor           # (M,) which sequence a target belongs to: b (chosen) or B + b (rejected)
+    margin: torch.Tensor | None   # (B,) or None
+    num_tokens: int
+
+    @property
+    def size(self) -> int:
+        return self.input_ids.shape[0]
+
+
+def prompt_length(pair: TokenizedPair) -> int:
+    """Length of the prompt shared by chosen and rejected (their common, non-target prefix)."""
+    n = 0
+    limit = min(len(pair.chosen), len(pair.rejected))
+    while (n < limit and not pair.chosen.loss_mask[n] and not pair.rejected.loss_mask[n]
+           and pair.chosen.ids[n] == pair.rejected.ids[n]):
+        n += 1
+    return n
+
+
+def collate_packed_pairs(pairs: list[TokenizedPair], pad_id: int) -> PackedPairBatch:
+    b = len(pairs)
+    spans = []
+    for pair in pairs:
+        p = prompt_length(pair)
+        spans.append((p, len(pair.chosen) - p, len(pair.rejected) - p))
+    width = max(p + c + r for p, c, r in spans)
+    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((b, width), dtype=torch.long)
+    mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+    positions, targets, owner = [], [], []
+    for i, (pair, (p, c, r)) in enumerate(zip(pairs, spans)):
+        input_ids[i, :p + c] = torch.tensor(pair.chosen.ids, dtype=torch.long)
+        input_ids[i, p + c:p + c + r] = torch.tensor(pair.rejected.ids[p:], dtype=torch.long)
+        position_ids[i, :p + c] = torch.arange(p + c)
+        position_ids[i, p + c:p + c + r] = torch.arange(p, p + r)
+        causal = torch.ones((p + c + r, p + c + r), dtype=torch.bool).tril()
+        causal[p + c:, p:p + c] = False  # rejected tokens never see the chosen response
+        mask[i, 0, :p + c + r, :p + c + r] = causal
+        if p + c + r < width:  # padding rows attend to themselves only (keeps softmax finite)
+            idx = torch.arange(p + c + r, width)
+            mask[i, 0, idx, idx] = True
+        row = i * width
+        for seq, start, length, who in ((pair.chosen, p, c, i), (pair.rejected, p + c, r, b + i)):
+            ids = seq.ids[p:]
+            keep = seq.loss_mask[p:]
+            for k in range(length):
+                if not keep[k]:
+                    continue
+                prev = (p - 1) if k == 0 else (start + k - 1)  # the position whose logits predict token k
+                positions.append(row + prev)
+                targets.append(ids[k])
+                owner.append(who)
+    margins = [pair.margin for pair in pairs]
+    margin = None
+    if any(m is not None for m in margins):
+        margin = torch.tensor([m if m is not None else 0.0 for m in margins], dtype=torch.float32)
+    return PackedPairBatch(
+        input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
+        positions=torch.tensor(positions, dtype=torch.long), targets=torch.tensor(targets, dtype=torch.long),
+        owner=torch.tensor(owner, dtype=torch.long), margin=margin,
+        num_tokens=sum(p + c + r for p, c, r in spans))

@@ -1,4 +1,11 @@
-"""The one place where log-probabilities and reward scores are computed from a model."""
+"""The one place where log-probabilities and reward scores are computed from a model.
+
+Log-probabilities are only needed at target tokens, so the vocabulary projection runs only there: the
+decoder's hidden states at the predicting positions go through the output embedding, never a (N, T, V)
+tensor of logits for prompt and padding positions. That shortcut is checked once per model against the
+model's own full forward (so architectures that post-process their logits — soft-capping, scaling — fall
+back to the full forward automatically).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.data.collate import SequenceBatch
+from alignkit.data.collate import PackedPairBatch, SequenceBatch
 
 
 @dataclass
@@ -30,24 +37,107 @@ class LogProbs:
         return self.logps / self.lengths.clamp(min=1)
 
 
-def forward_logits(model, batch: SequenceBatch) -> torch.Tensor:
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                 position_ids=batch.position_ids, use_cache=False).logits
+@dataclass
+class SequenceLogps:
+    """Summed log-probabilities of whole sequences (no per-token view needed: DPO, KTO)."""
+
+    logps: torch.Tensor    # (N,)
+    lengths: torch.Tensor  # (N,) target tokens per sequence
+
+    @property
+    def mean_logps(self) -> torch.Tensor:
+        return self.logps / self.lengths.clamp(min=1)
+
+
+def _unwrap(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _fast_path_ok(model, input_ids, attention_mask, position_ids) -> bool:
+    """Whether decoder → output-embedding reproduces the model's logits (checked once per model)."""
+    base = _unwrap(model)
+    if not isinstance(base, torch.nn.Module):
+        return False
+    cached = getattr(base, "_alignkit_fast_logits", None)
+    if cached is not None:
+        return cached
+    ok = False
+    was_training = base.training
+    devices = [torch.cuda.current_device()] if input_ids.is_cuda else []
+    try:
+        decoder, head = base.get_decoder(), base.get_output_embeddings()
+        if decoder is not None and head is not None:
+            # eval mode and a forked RNG: the check must not consume randomness (exact resume) or see dropout
+            base.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                n = min(2, input_ids.shape[0])
+                kwargs = {"input_ids": input_ids[:n], "position_ids": position_ids[:n], "use_cache": False,
+                          "attention_mask": attention_mask[:n]}
+                full = base(**kwargs).logits
+                fast = head(decoder(**kwargs).last_hidden_state)
+                ok = full.shape == fast.shape and torch.allclose(full, fast, rtol=1e-4, atol=1e-4)
+    except (AttributeError, TypeError, NotImplementedError, ValueError):
+        ok = False
+    finally:
+        base.train(was_training)
+    base._alignkit_fast_logits = ok
+    return ok
+
+
+def target_logps(model, input_ids, attention_mask, position_ids, positions, targets) -> torch.Tensor:
+    """(M,) log p(targets[m]) from the logits at flat position `positions[m]` (= row · T + t).
+
+    log p = logit[target] − logsumexp(logits), in float32 at least (bf16 logits are upcast), without a
+    log-softmax over the whole (N, T, V) logits.
+    """
+    base = _unwrap(model)
+    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
+              "use_cache": False}
+    if _fast_path_ok(model, input_ids, attention_mask, position_ids):
+        # (PEFT injects its adapters into the base model's layers, so disable_adapter() applies here too)
+        hidden = base.get_decoder()(**kwargs).last_hidden_state                                  # (N, T, H)
+        logits = base.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions])  # (M, V)
+    else:
+        full = model(**kwargs).logits
+        logits = full.reshape(-1, full.shape[-1])[positions]                                     # (M, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    return picked - torch.logsumexp(logits, dim=-1)
 
 
 def sequence_logps(model, batch: SequenceBatch) -> LogProbs:
-    """Log-probabilities of the target tokens of `batch` under `model` (a causal LM).
+    """Per-token log-probabilities of the target tokens of a padded batch under a causal LM.
 
-    Computed as logit[target] − logsumexp(logits), in float32 at least, without materialising a (N, T, V)
-    log-softmax. Padding and prompt positions give exactly 0 (torch.where, so nothing leaks from them).
+    Padding and prompt positions give exactly 0. Left and right padding give the same numbers (position ids
+    count real tokens only).
     """
-    logits = forward_logits(model, batch)[:, :-1]
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (N, T-1, V); bf16 → fp32
-    targets = batch.input_ids[:, 1:]                                 # (N, T-1)
-    mask = batch.loss_mask[:, 1:]                                    # (N, T-1)
-    picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)    # (N, T-1)
-    token_logps = picked - torch.logsumexp(logits, dim=-1)
-    return LogProbs(torch.where(mask, token_logps, torch.zeros_like(token_logps)), mask)
+    n, t = batch.input_ids.shape
+    mask = batch.loss_mask[:, 1:]                                    # (N, T-1): target t+1 predicted at t
+    rows, cols = mask.nonzero(as_tuple=True)
+    positions = rows * t + cols
+    targets = batch.input_ids[:, 1:][rows, cols]
+    values = target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, positions, targets)
+    token_logps = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
+    token_logps = token_logps.index_put((rows, cols), values)
+    return LogProbs(token_logps, mask)
+
+
+def packed_pair_logps(model, batch: PackedPairBatch) -> SequenceLogps:
+    """(2B,) summed log-probs of the chosen (first B) and rejected (last B) responses of prefix-shared rows."""
+    values = target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.positions,
+                          batch.targets)
+    n = 2 * batch.size
+    logps = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, batch.owner, values)
+    lengths = torch.bincount(batch.owner, minlength=n)
+    return SequenceLogps(logps, lengths)
+
+
+def pair_logps(model, batch) -> SequenceLogps:
+    """(2B,) chosen-then-rejected sequence log-probs, for prefix-shared or plainly padded pair batches."""
+    if isinstance(batch, PackedPairBatch):
+        return packed_pair_logps(model, batch)
+    lp = sequence_logps(model, batch.sequences)
+    return SequenceLogps(lp.logps, lp.lengths)
 
 
 def reward_scores(model, batch: SequenceBatch) -> torch.Tensor:
