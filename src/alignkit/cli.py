@@ -12,6 +12,8 @@ import sys
 import typing
 
 from alignkit.config import (
+    DPOConfig,
+    KTOConfig,
     RewardConfig,
     SFTConfig,
     _base_type,
@@ -27,6 +29,9 @@ TRAIN_COMMANDS = {
     "sft": (SFTConfig, "alignkit.train.sft:train_sft", "supervised fine-tuning"),
     "reward": (RewardConfig, "alignkit.train.reward:train_reward",
                "reward model on pairwise (Bradley-Terry) or ranked (Plackett-Luce) data"),
+    "dpo": (DPOConfig, "alignkit.train.dpo:train_dpo", "direct preference optimisation (DPO, IPO, cDPO, robust, "
+            "hinge, SimPO, R-DPO) on pairwise data"),
+    "kto": (KTOConfig, "alignkit.train.kto:train_kto", "Kahneman-Tversky optimisation on unary or pairwise data"),
 }
 
 

@@ -50,6 +50,7 @@ class TrainConfig:
     max_prompt_length: int = option(512, "Longest prompt in tokens; longer prompts keep their last tokens.")
     eval_every: int = option(0, "Evaluate every N steps (and at the start and the end); 0 = only at the end.")
     save_every: int = option(0, "Checkpoint every N steps for resume; 0 = keep no intermediate checkpoints.")
+    group_by_length: bool = option(True, "Batch examples of similar length together (less padding); order stays seeded.")
     keep_checkpoints: int = option(2, "How many of the newest checkpoints to keep.")
     log_every: int = option(1, "Write metrics every N optimizer steps.")
     lora_r: int = option(0, "LoRA rank; 0 = full fine-tuning.")
@@ -108,6 +109,54 @@ class RewardConfig(TrainConfig):
                               ("plackett_luce", "pairs"))
     use_margin: bool = option(True, "Use the rows' `margin` field in the Bradley–Terry loss when present.")
     center_rewards: float = option(0.0, "Coefficient of a (r_c + r_r)² penalty that keeps rewards centred at 0.")
+
+
+@dataclass(frozen=True)
+class PreferenceConfig(TrainConfig):
+    """Fields shared by the direct preference methods (dpo, kto)."""
+
+    lr: float = option(1e-6, "Peak learning rate (AdamW).")
+    beta: float = option(0.1, "β: strength of the implicit KL constraint to the reference policy.")
+    ref_model: str = option("", "Reference model folder; empty = the starting model (with LoRA: adapters disabled).")
+    precompute_ref: bool = option(True, "Compute reference log-probs once before training (stored with the run).")
+    reference_free: bool = option(False, "Use no reference model (reference log-probs = 0).")
+    prefix_sharing: bool = option(True, "One forward per example row: [prompt | response A | response B] with a 4D mask.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.beta > 0:
+            raise UserError(f'field "beta" must be positive, got {self.beta}')
+
+
+@dataclass(frozen=True)
+class DPOConfig(PreferenceConfig):
+    """`alignkit dpo`: the DPO family on pairwise (or ranked, converted to pairs) data."""
+
+    loss: str = option("sigmoid", "Objective (SPEC §11): sigmoid = DPO (cDPO with label_smoothing), robust, hinge, ipo, "
+                       "simpo, rdpo.", ("sigmoid", "ipo", "hinge", "robust", "simpo", "rdpo"))
+    label_smoothing: float = option(0.0, "ε: assumed share of flipped labels (cDPO / robust DPO).")
+    ipo_average: bool = option(True, "IPO on per-token averaged log-probs (as in TRL) instead of sums.")
+    simpo_gamma: float = option(0.5, "γ: SimPO's target reward margin.")
+    rdpo_alpha: float = option(-0.01, "α in −log σ(βh + α(|y_c| − |y_r|)); negative penalises longer chosen responses.")
+    pairs_from_ranked: str = option("all", "How ranked rows become pairs.", ("all", "adjacent", "best_worst"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise UserError(f'field "label_smoothing" must be in [0, 0.5), got {self.label_smoothing}')
+
+
+@dataclass(frozen=True)
+class KTOConfig(PreferenceConfig):
+    """`alignkit kto`: Kahneman–Tversky optimisation on unary (thumbs up/down) or converted pairwise data."""
+
+    desirable_weight: float = option(1.0, "λ_D: weight of desirable examples.")
+    undesirable_weight: float = option(1.0, "λ_U: weight of undesirable examples.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not (self.desirable_weight > 0 and self.undesirable_weight > 0):
+            raise UserError('"desirable_weight" and "undesirable_weight" must be positive')
 
 
 # ---------------------------------------------------------------------------------------------------------

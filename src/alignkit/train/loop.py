@@ -55,6 +55,7 @@ class Task:
     tokens: Callable[[Any], int]             # real tokens in a batch, for tokens_per_s
     save_final: Callable[[Path], None]
     eval_examples: list | None = None
+    prepare: Callable[[RunDir], None] | None = None  # once the run folder exists (e.g. reference log-probs)
 
 
 # ------------------------------------------------------------------------------------------------ seeding
@@ -89,19 +90,39 @@ def set_rng_state(state: dict) -> None:
 
 # ------------------------------------------------------------------------------------------- data order
 class DataOrder:
-    """Micro-batch k of a run, as a pure function of (seed, k): a fresh shuffle every epoch."""
+    """Micro-batch k of a run, as a pure function of (seed, k): a fresh shuffle every epoch.
 
-    def __init__(self, num_examples: int, batch_size: int, seed: int):
-        self.n, self.batch_size, self.seed = num_examples, batch_size, seed
+    With `lengths`, batches are grouped by length (less padding): each epoch's shuffle is cut into windows of
+    `GROUP_WINDOW` batches, each window is sorted by length and cut into batches, and the batches of the
+    epoch are shuffled again, so batch order stays random while each batch holds similar lengths.
+    """
+
+    GROUP_WINDOW = 50
+
+    def __init__(self, num_examples: int, batch_size: int, seed: int, lengths: list[int] | None = None):
+        self.n, self.batch_size, self.seed, self.lengths = num_examples, batch_size, seed, lengths
         self.batches_per_epoch = math.ceil(num_examples / batch_size)
-        self._epoch, self._perm = -1, None
+        self._epoch, self._batches = -1, []
+
+    def _epoch_batches(self, epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        bs = self.batch_size
+        if self.lengths is None:
+            return [perm[j:j + bs] for j in range(0, self.n, bs)]
+        window = bs * self.GROUP_WINDOW
+        batches = []
+        for w in range(0, self.n, window):
+            chunk = sorted(perm[w:w + window], key=lambda i: -self.lengths[i])
+            batches += [chunk[j:j + bs] for j in range(0, len(chunk), bs)]
+        order = torch.randperm(len(batches), generator=g).tolist()
+        return [batches[i] for i in order]
 
     def batch(self, k: int) -> list[int]:
         epoch, j = divmod(k, self.batches_per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g).tolist()
-        return self._perm[j * self.batch_size:(j + 1) * self.batch_size]
+            self._epoch, self._batches = epoch, self._epoch_batches(epoch)
+        return self._batches[j]
 
     def epoch(self, k: int) -> float:
         return k / self.batches_per_epoch
@@ -344,7 +365,8 @@ def fit(cfg, task: Task) -> dict:
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    order = DataOrder(len(task.train_examples), cfg.batch_size, cfg.seed)
+    lengths = [len(x) for x in task.train_examples] if cfg.group_by_length else None
+    order = DataOrder(len(task.train_examples), cfg.batch_size, cfg.seed, lengths)
     steps = total_steps(cfg, order)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
@@ -358,6 +380,8 @@ def fit(cfg, task: Task) -> dict:
         start = state.pop("step")
         state.pop("rng", None)
         print(f"resuming from {checkpoint} (step {start} of {steps})", file=sys.stderr)
+    if task.prepare is not None:
+        task.prepare(run)
     log = MetricsLog(run, cfg.report_to, start)
     last: dict = {}
     if start == 0 and task.eval_examples and cfg.eval_every > 0:

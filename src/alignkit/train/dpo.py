@@ -1,0 +1,106 @@
+"""`alignkit dpo`: the DPO family on preference pairs (Rafailov et al. 2023 and variants, SPEC §11).
+
+With h = (π_c − ref_c) − (π_r − ref_r) over summed response log-probs, `alignkit.losses.dpo_loss` gives
+sigmoid (DPO; cDPO with label smoothing), robust, hinge, ipo (on per-token averages by default), simpo
+(reference-free, length-normalised) and rdpo (length-regularised). No loss math lives here.
+
+Metrics: rewards/chosen = β(π_c − ref_c), rewards/rejected, rewards/margin, rewards/accuracy (chosen above
+rejected), logps/chosen, logps/rejected, and their eval/ versions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from alignkit.data.convert import ranked_to_pairwise
+from alignkit.data.tokenize import Encoder
+from alignkit.losses import dpo_loss
+from alignkit.models.load import apply_lora, load_causal_lm, load_tokenizer, save_pretrained_atomic
+from alignkit.models.logps import pair_logps
+from alignkit.train.common import load_train_eval
+from alignkit.train.loop import StepOutput, Task, fit, seed_everything
+from alignkit.train.preference_data import PrefBatch, PrefExample, collate_preference
+from alignkit.train.reference import Reference, build_reference, precompute_reference
+from alignkit.train.reward import encode_pair
+
+
+def reference_logps(batch: PrefBatch, reference: Reference | None, like: torch.Tensor) -> torch.Tensor:
+    """(2B,) reference log-probs: precomputed, computed now, or zeros (reference-free)."""
+    if batch.ref_logps is not None:
+        return batch.ref_logps.to(like.device, like.dtype)
+    if reference is None:
+        return torch.zeros_like(like)
+    return reference.pair_logps(batch.pairs).logps.to(like.dtype)
+
+
+def dpo_step_loss(model, batch: PrefBatch, cfg, reference: Reference | None) -> StepOutput:
+    """Summed DPO-family loss over the batch's pairs, with the implicit-reward metrics."""
+    policy = pair_logps(model, batch.pairs)                                   # (2B,)
+    ref = reference_logps(batch, reference, policy.logps)                     # (2B,)
+    lengths = policy.lengths.to(policy.logps.dtype)
+    pi, rf = policy.logps, ref
+    if cfg.loss == "ipo" and cfg.ipo_average:                                # IPO on per-token averages
+        pi, rf = pi / lengths.clamp(min=1), rf / lengths.clamp(min=1)
+    pi_c, pi_r = pi.chunk(2)
+    ref_c, ref_r = rf.chunk(2)
+    len_c, len_r = lengths.chunk(2)
+    losses = dpo_loss(pi_c, pi_r, ref_c, ref_r, beta=cfg.beta, variant=cfg.loss,
+                      label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma, alpha=cfg.rdpo_alpha,
+                      chosen_lengths=len_c, rejected_lengths=len_r)
+    with torch.no_grad():
+        if cfg.loss == "simpo":  # SimPO's implicit reward: β · average log-prob
+            r_c, r_r = cfg.beta * pi_c / len_c.clamp(min=1), cfg.beta * pi_r / len_r.clamp(min=1)
+        else:
+            r_c, r_r = cfg.beta * (pi_c - ref_c), cfg.beta * (pi_r - ref_r)
+        n = batch.size
+        lp_c, lp_r = policy.logps.detach().chunk(2)
+        metrics = {
+            "rewards/chosen": (float(r_c.sum()), n),
+            "rewards/rejected": (float(r_r.sum()), n),
+            "rewards/margin": (float((r_c - r_r).sum()), n),
+            "rewards/accuracy": (float((r_c > r_r).sum()), n),
+            "logps/chosen": (float(lp_c.sum()), n),
+            "logps/rejected": (float(lp_r.sum()), n),
+        }
+    return StepOutput(losses.sum(), metrics)
+
+
+def preference_task(cfg, name: str, tokenizer, train: list[PrefExample], evals: list[PrefExample],
+                    loss_fn, uses_reference: bool = True) -> Task:
+    """The policy (+ LoRA), the reference, precomputation, and the Task that `fit` runs (dpo and kto)."""
+    model = apply_lora(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
+    reference = build_reference(cfg, model) if uses_reference else None
+    pad = tokenizer.pad_token_id
+    collate = lambda xs: collate_preference(xs, pad, cfg.prefix_sharing)  # noqa: E731
+
+    def prepare(run):
+        if reference is not None and cfg.precompute_ref:
+            precompute_reference(cfg, reference, {"train": train, "eval": evals}, collate,
+                                 run.path / "ref_logps.safetensors")
+
+    return Task(
+        name=name,
+        model=model,
+        train_examples=train,
+        eval_examples=evals or None,
+        collate=collate,
+        loss=lambda m, b: loss_fn(m, b, cfg, reference),
+        units=lambda b: b.size,
+        tokens=lambda b: b.num_tokens,
+        save_final=lambda path: save_pretrained_atomic(model, tokenizer, path, cfg.lora_save),
+        prepare=prepare,
+    )
+
+
+def train_dpo(cfg) -> dict:
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    kind, train_rows, eval_rows = load_train_eval(cfg, "auto", allowed=("pairwise", "ranked"))
+    if kind == "ranked":
+        train_rows = ranked_to_pairwise(train_rows, cfg.pairs_from_ranked)
+        eval_rows = ranked_to_pairwise(eval_rows, cfg.pairs_from_ranked)
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    train = [PrefExample(encode_pair(encoder, r)) for r in train_rows]
+    evals = [PrefExample(encode_pair(encoder, r)) for r in eval_rows]
+    uses_reference = cfg.loss != "simpo"
+    return fit(cfg, preference_task(cfg, "dpo", tokenizer, train, evals, dpo_step_loss, uses_reference))
