@@ -56,6 +56,7 @@ class Task:
     save_final: Callable[[Path], None]
     eval_examples: list | None = None
     prepare: Callable[[RunDir], None] | None = None  # once the run folder exists (e.g. reference log-probs)
+    derive: Callable[[dict], dict] | None = None      # metrics computed from aggregated ones (e.g. margins)
 
 
 # ------------------------------------------------------------------------------------------------ seeding
@@ -211,9 +212,11 @@ def evaluate(model, task: Task, examples: list, batch_size: int) -> dict[str, fl
             acc[0] += s
             acc[1] += c
     model.train()
-    result = {"eval/loss": loss_sum / max(units, 1)}
-    result.update({f"eval/{k}": s / c for k, (s, c) in sums.items() if c > 0})
-    return result
+    result = {"loss": loss_sum / max(units, 1)}
+    result.update({k: s / c for k, (s, c) in sums.items() if c > 0})
+    if task.derive is not None:
+        result.update(task.derive(result))
+    return {f"eval/{k}": v for k, v in result.items()}
 
 
 # ---------------------------------------------------------------------------------------- run folder
@@ -418,6 +421,8 @@ def fit(cfg, task: Task) -> dict:
             elapsed = time.perf_counter() - window_start
             last = {k: sum(m[k] for m in window if k in m) / max(1, sum(k in m for m in window))
                     for k in (window[-1] if window else {})}
+            if task.derive is not None:
+                last.update(task.derive(last))
             last.update({"lr": scheduler.get_last_lr()[0], "epoch": order.epoch(step * cfg.grad_accum),
                          "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                          "skipped_steps": state["skipped_steps"]})

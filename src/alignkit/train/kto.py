@@ -1,0 +1,110 @@
+"""`alignkit kto`: Kahneman–Tversky optimisation (Ethayarajh et al. 2024) on thumbs-up/down examples.
+
+Loss (`alignkit.losses.kto_loss`): with r = π(y|x) − ref(y|x) and the reference point z0, desirable examples
+w_D·(1 − σ(β(r − z0))), undesirable ones w_U·(1 − σ(β(z0 − r))).
+
+z0, as in the paper: the KL of the policy to the reference, estimated on *mismatched* prompt/completion
+pairs — each example x_i is paired with the completion of another example — averaged over the batch,
+clamped at 0 and detached. The mismatched partner is fixed once (a seeded derangement of the data), so its
+reference log-probs are precomputed like the others; each row is [prompt | completion | partner's
+completion], one forward.
+
+Pairwise rows are converted (chosen → desirable, rejected → undesirable); ranked rows give their best as
+desirable and their worst as undesirable. `reference_free` sets the reference log-probs to 0.
+"""
+
+from __future__ import annotations
+
+import random
+import sys
+
+import torch
+
+from alignkit.data.collate import TokenizedPair
+from alignkit.data.convert import pairwise_to_unary, ranked_to_unary
+from alignkit.data.rows import UnaryRow
+from alignkit.data.tokenize import Encoder
+from alignkit.losses import kto_loss
+from alignkit.models.load import load_tokenizer
+from alignkit.models.logps import pair_logps
+from alignkit.train.common import load_train_eval
+from alignkit.train.dpo import preference_task, reference_logps
+from alignkit.train.loop import StepOutput, fit, seed_everything
+from alignkit.train.preference_data import PrefBatch, PrefExample
+
+# Ethayarajh et al. (2024), §4: keep λ_D·n_D / (λ_U·n_U) within [1, 4/3].
+RECOMMENDED_BALANCE = (1.0, 4.0 / 3.0)
+
+
+def kto_examples(encoder: Encoder, rows: list[UnaryRow], seed: int) -> list[PrefExample]:
+    """Each example: (x_i, y_i) and, for the KL estimate, (x_i, y_j) with j a fixed seeded derangement of i."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    partner = {order[k]: order[(k + 1) % len(order)] for k in range(len(order))}
+    examples = []
+    for i, row in enumerate(rows):
+        prompt = encoder.prompt_ids(row.prompt, row.source)
+        own = encoder.join(prompt, encoder.response_ids(row.prompt, row.completion, row.source))
+        other = rows[partner[i]]
+        mismatched = encoder.join(prompt, encoder.response_ids(row.prompt, other.completion, other.source))
+        examples.append(PrefExample(TokenizedPair(own, mismatched), label=row.label))
+    return examples
+
+
+def kto_step_loss(model, batch: PrefBatch, cfg, reference) -> StepOutput:
+    policy = pair_logps(model, batch.pairs)                    # (2B,): completions, then mismatched ones
+    ref = reference_logps(batch, reference, policy.logps)      # (2B,)
+    pi, pi_kl = policy.logps.chunk(2)
+    ref_own, ref_kl = ref.chunk(2)
+    kl = (pi_kl - ref_kl).mean().detach()                      # z0 before the clamp (kto_loss clamps, detaches)
+    losses = kto_loss(pi, ref_own, batch.labels, kl, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
+                      undesirable_weight=cfg.undesirable_weight)
+    with torch.no_grad():
+        r = cfg.beta * (pi - ref_own)
+        z = cfg.beta * kl.clamp(min=0)
+        good, bad = batch.labels, ~batch.labels
+        n_good, n_bad = int(good.sum()), int(bad.sum())
+        right = torch.where(good, r > z, r < z)
+        metrics = {
+            "kl": (float(kl), 1),
+            "rewards/accuracy": (float(right.sum()), batch.size),  # on the right side of the reference point
+            "rewards/chosen": (float(r[good].sum()), n_good),
+            "rewards/rejected": (float(r[bad].sum()), n_bad),
+            "logps/chosen": (float(pi[good].sum()), n_good),
+            "logps/rejected": (float(pi[bad].sum()), n_bad),
+        }
+    return StepOutput(losses.sum(), metrics)
+
+
+def check_balance(rows: list[UnaryRow], cfg) -> float:
+    """Warn when the weighted class balance leaves the paper's recommended range."""
+    n_good = sum(r.label for r in rows)
+    n_bad = len(rows) - n_good
+    if n_good == 0 or n_bad == 0:
+        print(f"warning: kto data has {n_good} desirable and {n_bad} undesirable examples; "
+              "KTO needs both", file=sys.stderr)
+        return float("inf") if n_bad == 0 else 0.0
+    balance = cfg.desirable_weight * n_good / (cfg.undesirable_weight * n_bad)
+    low, high = RECOMMENDED_BALANCE
+    if not low <= balance <= high:
+        print(f"warning: desirable_weight·n_D / (undesirable_weight·n_U) = {cfg.desirable_weight}·{n_good} / "
+              f"({cfg.undesirable_weight}·{n_bad}) = {balance:.2f}, outside the range [1, 4/3] that the KTO paper "
+              "recommends; adjust desirable_weight or undesirable_weight", file=sys.stderr)
+    return balance
+
+
+def train_kto(cfg) -> dict:
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    kind, train_rows, eval_rows = load_train_eval(cfg, "auto", allowed=("unary", "pairwise", "ranked"))
+    convert = {"pairwise": pairwise_to_unary, "ranked": ranked_to_unary}.get(kind)
+    if convert is not None:
+        train_rows, eval_rows = convert(train_rows), convert(eval_rows)
+    check_balance(train_rows, cfg)
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    train = kto_examples(encoder, train_rows, cfg.seed)
+    evals = kto_examples(encoder, eval_rows, cfg.seed + 1) if eval_rows else []
+    task = preference_task(cfg, "kto", tokenizer, train, evals, kto_step_loss)
+    task.derive = lambda m: ({"rewards/margin": m["rewards/chosen"] - m["rewards/rejected"]}
+                             if "rewards/chosen" in m and "rewards/rejected" in m else {})
+    return fit(cfg, task)
