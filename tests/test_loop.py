@@ -177,3 +177,81 @@ def test_completed_run_is_not_redone(tmp_path, tiny_model_dir, capsys):
     train_sft(cfg)
     assert "already complete" in capsys.readouterr().out
     assert (tmp_path / "run" / "final" / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_torn_metrics_line_and_changed_settings_on_resume(tmp_path, tiny_model_dir):
+    from alignkit.errors import UserError
+    from alignkit.train.sft import train_sft
+
+    data = _write_run_inputs(tmp_path, "sft")
+    out = tmp_path / "run"
+    base = dict(model=tiny_model_dir, data=(str(data),), output_dir=str(out), batch_size=4, save_every=2)
+    train_sft(SFTConfig(**base, max_steps=4))
+    (out / "final").rename(tmp_path / "old-final")  # pretend the run was killed after its step-2 checkpoint
+    with open(out / "metrics.jsonl", "a") as f:
+        f.write('{"step": 3, "loss": 1.2')  # a line torn by kill -9
+    train_sft(SFTConfig(**base, max_steps=4))
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    (out / "final").rename(tmp_path / "old-final-2")
+    with pytest.raises(UserError, match=r"other settings \(batch_size 4 → 8"):
+        train_sft(SFTConfig(**{**base, "batch_size": 8}, max_steps=4))
+
+
+def test_logged_lr_is_the_rate_used_and_metrics_are_one_object_per_step(tmp_path, tiny_model_dir):
+    from alignkit.train.sft import train_sft
+
+    data = _write_run_inputs(tmp_path, "sft")
+    out = tmp_path / "run"
+    train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), batch_size=4, max_steps=4,
+                        lr=1e-3, lr_schedule="linear", eval_fraction=0.25, eval_every=2))
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+    assert [r["lr"] for r in records[1:]] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
+    assert "eval/loss" in records[2] and "loss" in records[2]
+
+
+def test_rows_with_nothing_to_learn_are_dropped_and_no_rows_left_is_a_user_error(tmp_path, tiny_model_dir, capsys):
+    from alignkit.cli import main
+
+    rows = [{"messages": [{"role": "user", "content": "copy cat dog owl bee"}, {"role": "assistant", "content": "cat"}]},
+            {"messages": [{"role": "user", "content": "copy"}, {"role": "assistant", "content": "cat"}]}]
+    data = write_jsonl(tmp_path / "m.jsonl", rows)
+    out = tmp_path / "run"
+    argv = ["sft", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
+            "--max-length", "7", "--max-prompt-length", "4"]
+    assert main(argv) == 0
+    assert "dropped 1 rows with no trainable tokens" in capsys.readouterr().err
+    assert main(["sft", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(tmp_path / "r2"),
+                 "--eval-fraction", "0.9"]) == 0  # one row is always left for training
+    assert main(argv[:-4] + ["--max-length", "5", "--max-prompt-length", "4", "--output-dir", str(tmp_path / "r3")]) == 2
+    assert "no row has trainable tokens" in capsys.readouterr().err
+
+
+def test_bf16_training_keeps_float32_master_weights(tmp_path, tiny_model_dir):
+    """dtype bfloat16: the forward runs under autocast, the weights stay float32 so small updates land."""
+    from safetensors.torch import load_file
+
+    from alignkit.train.sft import train_sft
+
+    data = _write_run_inputs(tmp_path, "sft")
+    out = tmp_path / "run"
+    train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), batch_size=8, max_steps=3,
+                        lr=2e-5, dtype="bfloat16", lr_schedule="constant"))
+    after = load_file(out / "final" / "model.safetensors")
+    before = load_file(f"{tiny_model_dir}/model.safetensors")
+    w = "model.layers.0.mlp.down_proj.weight"
+    assert after[w].dtype == torch.float32
+    assert float((after[w] != before[w]).float().mean()) > 0.95
+
+
+def test_length_grouped_order_covers_each_epoch_and_groups_lengths():
+    lengths = [(i * 37) % 101 for i in range(400)]
+    order = DataOrder(400, 8, seed=1, lengths=lengths)
+    assert order.batches_per_epoch == 50
+    epoch = [order.batch(k) for k in range(50)]
+    assert sorted(i for b in epoch for i in b) == list(range(400))
+    spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in epoch) / 50
+    assert spread < 10  # similar lengths together (random batches would spread ~80)
+    assert epoch != [order.batch(k) for k in range(50, 100)]
+    assert DataOrder(400, 8, seed=1, lengths=lengths).batch(7) == epoch[7]

@@ -37,12 +37,12 @@ def test_eos_not_doubled_and_text_rows_train_on_everything(tokenizer):
     assert all(full.loss_mask)
 
 
-def test_truncation_keeps_prompt_end_and_cuts_response_end(tokenizer):
-    enc = Encoder(tokenizer, max_length=6, max_prompt_length=3)
+def test_truncation_keeps_prompt_end_and_bos_and_cuts_response_end(tokenizer):
+    enc = Encoder(tokenizer, max_length=7, max_prompt_length=4)
     seq = enc.sft(SFTRow("copy red blue green ->", "cat dog owl bee", None, "x:1"))
-    assert words(tokenizer, seq.ids[:3]) == ["blue", "green", "->"]
-    assert words(tokenizer, seq.ids[3:]) == ["cat", "dog", "owl"]  # response cut at its end: no EOS
-    assert len(seq) == 6
+    assert words(tokenizer, seq.ids[:4]) == ["<s>", "blue", "green", "->"]
+    assert words(tokenizer, seq.ids[4:]) == ["cat", "dog", "owl"]  # response cut at its end: no EOS
+    assert len(seq) == 7
 
 
 def test_messages_train_on_assistant_turns_only(tokenizer):
@@ -132,7 +132,7 @@ def test_reward_scores_read_the_last_real_token_either_padding(tiny_model_dir, t
     from alignkit.models.load import load_reward_model
 
     torch.manual_seed(0)
-    model = load_reward_model(tiny_model_dir, tokenizer.pad_token_id).double().eval()
+    model = load_reward_model(tiny_model_dir, tokenizer).double().eval()
     torch.nn.init.normal_(model.score.weight)  # a non-zero head, so scores differ
     seqs = _ragged(tokenizer, n=4, seed=1)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def test_reward_scores_read_the_last_real_token_either_padding(tiny_model_dir, t
 def test_new_reward_head_starts_at_zero(tiny_model_dir, tokenizer):
     from alignkit.models.load import load_reward_model
 
-    model = load_reward_model(tiny_model_dir, tokenizer.pad_token_id)
+    model = load_reward_model(tiny_model_dir, tokenizer)
     assert float(model.score.weight.detach().abs().sum()) == 0.0
     assert all(p.requires_grad for p in model.parameters())
 
@@ -212,3 +212,45 @@ def test_fast_logits_path_is_checked_and_fallback_agrees(double_model, tokenizer
         slow = sequence_logps(double_model, batch).logps
         double_model._alignkit_fast_logits = True
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-10)
+
+
+def test_pad_equal_to_eos_gets_its_own_pad_token_so_scores_read_the_eos(tmp_path):
+    """With pad == eos, transformers' last-non-pad rule would score the token before EOS; alignkit adds a pad
+    token, so a finished response (… EOS) and a truncated one score differently, in plain transformers too."""
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.examples import WORDS
+    from alignkit.models.load import load_reward_model, save_pretrained_atomic
+    from alignkit.models.tiny import build_tiny_llama, build_word_tokenizer
+
+    tok = build_word_tokenizer(WORDS)
+    model = build_tiny_llama(tok)
+    tok.pad_token = tok.eos_token
+    model.config.pad_token_id = tok.eos_token_id
+    model.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    torch.manual_seed(0)
+    rm = load_reward_model(str(tmp_path / "base"), tok)
+    assert tok.pad_token_id != tok.eos_token_id and rm.config.pad_token_id == tok.pad_token_id
+    assert rm.get_input_embeddings().num_embeddings == len(tok)
+    torch.nn.init.normal_(rm.score.weight)
+    save_pretrained_atomic(rm, tok, tmp_path / "rm")
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    with torch.no_grad():
+        ids = tok(["copy cat -> cat </s>", "copy cat -> cat"], return_tensors="pt", padding=True)
+        scores = plain(**ids).logits[:, 0]
+    assert abs(float(scores[0] - scores[1])) > 1e-4
+
+
+def test_packed_pairs_without_a_shared_prompt(double_model, tokenizer):
+    """No shared prefix at all (no BOS): the first response token is never predicted, as in the padded path."""
+    from alignkit.data.collate import TokenizedPair, collate_packed_pairs
+    from alignkit.models.logps import pair_logps
+
+    pairs = [TokenizedPair(Tokenized([7, 8, 9], [True] * 3), Tokenized([10, 11], [True] * 2)),
+             TokenizedPair(Tokenized([12, 13], [True] * 2), Tokenized([14, 15, 16, 17], [True] * 4))]
+    with torch.no_grad():
+        shared = pair_logps(double_model, collate_packed_pairs(pairs, tokenizer.pad_token_id))
+        plain = pair_logps(double_model, collate_pairs(pairs, tokenizer.pad_token_id))
+    torch.testing.assert_close(shared.logps, plain.logps, rtol=0, atol=1e-10)
+    assert shared.lengths.tolist() == [2, 1, 1, 3]

@@ -61,7 +61,7 @@ class TrainConfig:
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
     dtype: str = option("auto", "Parameter dtype: auto = float32 on CPU, bfloat16 on GPU.", ("auto", "float32", "bfloat16", "float16"))
     report_to: str = option("none", "Where metrics also go.", ("none", "tensorboard", "wandb", "mlflow"))
-    resume: str = option("auto", "auto = continue from the newest complete checkpoint; never = start over; or a checkpoint folder.")
+    resume: str = option("auto", "auto (or empty) = continue from the newest complete checkpoint; never = start over; or a checkpoint folder.")
     on_bad_row: str = option("error", "error = stop at the first bad row; skip = skip bad rows and report how many.", ("error", "skip"))
     max_bad_steps: int = option(5, "Stop after this many non-finite (NaN/Inf) steps in a row.")
     trust_remote_code: bool = option(False, "Allow model code from the checkpoint folder to run (off by default).")
@@ -82,8 +82,8 @@ class TrainConfig:
                 raise UserError(f'field "{name}" must be 0 or more, got {getattr(self, name)}')
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise UserError(f'field "lr" must be a positive number, got {self.lr}')
-        if self.max_steps == 0 and not self.epochs > 0:
-            raise UserError('set "max_steps" or a positive "epochs"')
+        if self.max_steps == 0 and not (self.epochs > 0 and math.isfinite(self.epochs)):
+            raise UserError('set "max_steps" or a positive, finite "epochs"')
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f'field "eval_fraction" must be in [0, 1), got {self.eval_fraction}')
         if self.max_prompt_length >= self.max_length:
@@ -191,7 +191,7 @@ def coerce(value, tp, name: str, where: str = ""):
         return coerce(value, inner, name, where)
     if kind == "list":
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if "," in value else [value]
+            value = [value]
         if not isinstance(value, (list, tuple)):
             raise UserError(f'{prefix}field "{name}" must be a list, got {type(value).__name__}')
         return tuple(coerce(v, inner, name, where) for v in value)
@@ -204,11 +204,17 @@ def coerce(value, tp, name: str, where: str = ""):
     if inner is int:
         if isinstance(value, bool):
             raise UserError(f'{prefix}field "{name}" must be an integer, got {value!r}')
+        if isinstance(value, int):
+            return value
+        try:
+            return int(str(value).strip())
+        except ValueError:
+            pass
         try:
             as_float = float(value)
         except (TypeError, ValueError):
             raise UserError(f'{prefix}field "{name}" must be an integer, got {value!r}') from None
-        if not as_float.is_integer():
+        if not (math.isfinite(as_float) and as_float.is_integer()):
             raise UserError(f'{prefix}field "{name}" must be an integer, got {value!r}')
         return int(as_float)
     if inner is float:
@@ -219,6 +225,8 @@ def coerce(value, tp, name: str, where: str = ""):
         except (TypeError, ValueError):
             raise UserError(f'{prefix}field "{name}" must be a number, got {value!r}') from None
     if inner is str:
+        if value is None:
+            return ""
         if isinstance(value, (dict, list)):
             raise UserError(f'{prefix}field "{name}" must be a string, got {type(value).__name__}')
         return str(value)
@@ -275,11 +283,18 @@ def build_config(cls, file_values: dict | None = None, cli_values: dict | None =
     return cls(**values)
 
 
+SECRET_FIELDS = ("api_key", "token", "secret", "password", "hf_token", "openai_api_key")
+
+
+def is_secret(name: str) -> bool:
+    return name in SECRET_FIELDS or name.endswith(("_api_key", "_secret", "_password", "_auth_token"))
+
+
 def to_dict(cfg) -> dict:
-    """The resolved config as plain YAML-able data; fields that look like secrets are never written."""
+    """The resolved config as plain YAML-able data; fields that hold secrets are never written."""
     out = {}
     for f in config_fields(type(cfg)):
-        if any(s in f.name for s in ("api_key", "token", "secret", "password")):
+        if is_secret(f.name):
             continue
         value = getattr(cfg, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value

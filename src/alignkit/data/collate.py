@@ -76,7 +76,7 @@ class PairBatch:
 
 @dataclass
 class RankedBatch:
-    sequences: SequenceBatch  # (N, T): every response of every ranking, flattened
+    sequences: SequenceBatch | PackedBatch  # every response of every ranking (N sequences)
     index: torch.Tensor       # (B, K) long: row of `sequences` holding response k of ranking b (0 if absent)
     mask: torch.Tensor        # (B, K) bool: True = response present
     ties: torch.Tensor        # (B, K) long: tie-group ids, non-decreasing along K
@@ -123,78 +123,113 @@ def to_device(batch, device):
 
 
 @dataclass
-class PackedPairBatch:
-    """Pairs with a shared prompt, one row each: [prompt | chosen | rejected], computed in one forward.
+class PackedBatch:
+    """Responses that share a prompt, one row per prompt: [prompt | response 1 | … | response K], one forward.
 
-    A 4D attention mask lets chosen tokens see the prompt and earlier chosen tokens, and rejected tokens see
-    the prompt and earlier rejected tokens (never the chosen ones); rejected position ids continue from the
-    prompt. So the prompt is computed once per pair instead of twice, and the log-probs equal those of two
-    separate sequences.
+    A 4D attention mask lets each response's tokens see the prompt and their own earlier tokens, never another
+    response; position ids of every response continue from the prompt. So the prompt is computed once instead
+    of K times, and log-probs and scores equal those of the K separate sequences.
     """
 
-    input_ids: torch.Tensor       # (B, T) long
-    attention_mask: torch.Tensor  # (B, 1, T, T) bool: True = query row may attend to key column
-    position_ids: torch.Tensor    # (B, T) long
-    positions: torch.Tensor       # (M,) flat index b·T + t of the logits that predict each target token
+    input_ids: torch.Tensor       # (R, T) long
+    attention_mask: torch.Tensor  # (R, 1, T, T) bool: True = query row may attend to key column
+    position_ids: torch.Tensor    # (R, T) long
+    positions: torch.Tensor       # (M,) flat index r·T + t of the logits that predict each target token
     targets: torch.Tensor         # (M,) the target token ids
-    owner: torch.Tensor           # (M,) which sequence a target belongs to: b (chosen) or B + b (rejected)
-    margin: torch.Tensor | None   # (B,) or None
+    owner: torch.Tensor           # (M,) the sequence (response) each target belongs to, in [0, S)
+    last_positions: torch.Tensor  # (S,) flat index of each sequence's last non-padding token (reward scores)
+    margin: torch.Tensor | None   # (R,) or None
     num_tokens: int
 
     @property
     def size(self) -> int:
         return self.input_ids.shape[0]
 
+    @property
+    def num_sequences(self) -> int:
+        return self.last_positions.shape[0]
 
-def prompt_length(pair: TokenizedPair) -> int:
-    """Length of the prompt shared by chosen and rejected (their common, non-target prefix)."""
-    n = 0
-    limit = min(len(pair.chosen), len(pair.rejected))
-    while (n < limit and not pair.chosen.loss_mask[n] and not pair.rejected.loss_mask[n]
-           and pair.chosen.ids[n] == pair.rejected.ids[n]):
+
+def prompt_length(seqs: tuple[Tokenized, ...]) -> int:
+    """Length of the prompt the sequences share (their common, non-target prefix)."""
+    n, limit = 0, min(len(s) for s in seqs)
+    while n < limit and all(not s.loss_mask[n] and s.ids[n] == seqs[0].ids[n] for s in seqs):
         n += 1
     return n
 
 
-def collate_packed_pairs(pairs: list[TokenizedPair], pad_id: int) -> PackedPairBatch:
-    b = len(pairs)
+def collate_packed(groups: list[tuple[Tokenized, ...]], pad_id: int, seq_ids: list[list[int]],
+                   margins: list[float | None] | None = None) -> PackedBatch:
+    """Pack each group (sequences sharing a prompt) into one row; `seq_ids[r][k]` numbers the sequences."""
+    rows = len(groups)
     spans = []
-    for pair in pairs:
-        p = prompt_length(pair)
-        spans.append((p, len(pair.chosen) - p, len(pair.rejected) - p))
-    width = max(p + c + r for p, c, r in spans)
-    input_ids = torch.full((b, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((b, width), dtype=torch.long)
-    mask = torch.zeros((b, 1, width, width), dtype=torch.bool)
+    for group in groups:
+        p = prompt_length(group)
+        spans.append((p, [len(s) - p for s in group]))
+    width = max(p + sum(lens) for p, lens in spans)
+    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((rows, width), dtype=torch.long)
+    mask = torch.zeros((rows, 1, width, width), dtype=torch.bool)
+    n_seq = 1 + max(i for ids in seq_ids for i in ids)
+    last = torch.zeros(n_seq, dtype=torch.long)
     positions, targets, owner = [], [], []
-    for i, (pair, (p, c, r)) in enumerate(zip(pairs, spans)):
-        input_ids[i, :p + c] = torch.tensor(pair.chosen.ids, dtype=torch.long)
-        input_ids[i, p + c:p + c + r] = torch.tensor(pair.rejected.ids[p:], dtype=torch.long)
-        position_ids[i, :p + c] = torch.arange(p + c)
-        position_ids[i, p + c:p + c + r] = torch.arange(p, p + r)
-        causal = torch.ones((p + c + r, p + c + r), dtype=torch.bool).tril()
-        causal[p + c:, p:p + c] = False  # rejected tokens never see the chosen response
-        mask[i, 0, :p + c + r, :p + c + r] = causal
-        if p + c + r < width:  # padding rows attend to themselves only (keeps softmax finite)
-            idx = torch.arange(p + c + r, width)
-            mask[i, 0, idx, idx] = True
-        row = i * width
-        for seq, start, length, who in ((pair.chosen, p, c, i), (pair.rejected, p + c, r, b + i)):
-            ids = seq.ids[p:]
-            keep = seq.loss_mask[p:]
+    for r, (group, (p, lens)) in enumerate(zip(groups, spans)):
+        used = p + sum(lens)
+        input_ids[r, :p] = torch.tensor(group[0].ids[:p], dtype=torch.long)
+        position_ids[r, :p] = torch.arange(p)
+        block = torch.zeros((used, used), dtype=torch.bool)
+        block[:, :p] = True
+        start = p
+        for seq, length, sid in zip(group, lens, seq_ids[r]):
+            end = start + length
+            input_ids[r, start:end] = torch.tensor(seq.ids[p:], dtype=torch.long)
+            position_ids[r, start:end] = torch.arange(p, p + length)
+            block[start:end, start:end] = True
             for k in range(length):
-                if not keep[k]:
-                    continue
                 prev = (p - 1) if k == 0 else (start + k - 1)  # the position whose logits predict token k
-                positions.append(row + prev)
-                targets.append(ids[k])
-                owner.append(who)
-    margins = [pair.margin for pair in pairs]
+                if seq.loss_mask[p + k] and prev >= 0:  # (a first token with no prompt is never predicted)
+                    positions.append(r * width + prev)
+                    targets.append(seq.ids[p + k])
+                    owner.append(sid)
+            # as a classifier reads a standalone sequence: its last token that is not padding
+            real = [i for i in range(length) if seq.ids[p + i] != pad_id]
+            last[sid] = r * width + (start + real[-1] if real else max(p - 1, 0))
+            start = end
+        mask[r, 0, :used, :used] = block.tril()
+        if used < width:  # padding rows attend to themselves only (keeps the softmax finite)
+            idx = torch.arange(used, width)
+            mask[r, 0, idx, idx] = True
     margin = None
-    if any(m is not None for m in margins):
+    if margins is not None and any(m is not None for m in margins):
         margin = torch.tensor([m if m is not None else 0.0 for m in margins], dtype=torch.float32)
-    return PackedPairBatch(
+    return PackedBatch(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
         positions=torch.tensor(positions, dtype=torch.long), targets=torch.tensor(targets, dtype=torch.long),
-        owner=torch.tensor(owner, dtype=torch.long), margin=margin,
-        num_tokens=sum(p + c + r for p, c, r in spans))
+        owner=torch.tensor(owner, dtype=torch.long), last_positions=last, margin=margin,
+        num_tokens=sum(p + sum(lens) for p, lens in spans))
+
+
+def collate_packed_pairs(pairs: list[TokenizedPair], pad_id: int) -> PackedBatch:
+    """Pairs packed one per row; sequences numbered chosen 0..B-1, then rejected B..2B-1."""
+    b = len(pairs)
+    return collate_packed([(p.chosen, p.rejected) for p in pairs], pad_id, [[i, b + i] for i in range(b)],
+                          [p.margin for p in pairs])
+
+
+def collate_packed_rankings(rankings: list[TokenizedRanking], pad_id: int) -> RankedBatch:
+    """Rankings packed one per row; `RankedBatch.sequences` is then a PackedBatch."""
+    k = max(len(r.responses) for r in rankings)
+    index = torch.zeros((len(rankings), k), dtype=torch.long)
+    mask = torch.zeros((len(rankings), k), dtype=torch.bool)
+    ties = torch.zeros((len(rankings), k), dtype=torch.long)
+    seq_ids, next_id = [], 0
+    for b, r in enumerate(rankings):
+        n = len(r.responses)
+        ids = list(range(next_id, next_id + n))
+        next_id += n
+        seq_ids.append(ids)
+        index[b, :n] = torch.tensor(ids)
+        mask[b, :n] = True
+        ties[b, :n] = torch.tensor(r.ties)
+        ties[b, n:] = r.ties[-1] + 1
+    return RankedBatch(collate_packed([r.responses for r in rankings], pad_id, seq_ids), index, mask, ties)

@@ -8,7 +8,8 @@
   prompt's generation prompt.
 - Multi-turn `messages`: loss on the assistant turns only. Each turn is the template's text between
   rendering the conversation up to the turn (with the generation prompt) and up to its end.
-- Truncation: a prompt longer than `max_prompt_length` keeps its last tokens (the question is at the end);
+- Truncation: a prompt longer than `max_prompt_length` keeps its last tokens (the question is at the end)
+  and its BOS;
   then a response that does not fit `max_length` is cut at its end (it loses its EOS).
 """
 
@@ -80,6 +81,11 @@ class Encoder:
             ids = _encode_text(self.tokenizer, prompt, special=True)
         else:
             ids = _encode_text(self.tokenizer, _render(self.tokenizer, prompt, True), special=False)
+        if len(ids) <= self.max_prompt_length:
+            return ids
+        bos = self.tokenizer.bos_token_id
+        if bos is not None and ids[0] == bos:  # keep the start-of-sequence token of a cut prompt
+            return [bos] + ids[len(ids) - self.max_prompt_length + 1:]
         return ids[-self.max_prompt_length:]
 
     def response_ids(self, prompt, response, source: str = "") -> list[int]:

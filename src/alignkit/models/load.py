@@ -25,6 +25,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def training_dtypes(name: str) -> tuple[torch.dtype, torch.dtype | None]:
+    """(parameter dtype, autocast dtype) for training: trainable weights stay float32 (AdamW updates smaller
+    than a bf16 rounding step would otherwise be lost) and the forward runs in bf16 under autocast."""
+    compute = resolve_dtype(name)
+    if compute == torch.float16:
+        raise UserError('dtype "float16" is not supported for training (it needs loss scaling); use bfloat16')
+    return torch.float32, (None if compute == torch.float32 else compute)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -51,21 +60,32 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False):
+def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = False, for_training: bool = True):
+    """A causal LM on the default device: float32 weights to train (see `training_dtypes`), or `dtype`'s
+    weights for a frozen model (reference, generation)."""
     from transformers import AutoModelForCausalLM
 
     quiet_transformers()
     _check_path(path)
+    weights = training_dtypes(dtype)[0] if for_training else resolve_dtype(dtype)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=resolve_dtype(dtype),
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=weights,
                                                      trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load a causal language model ({str(e).splitlines()[0]})") from None
     return model.to(default_device())
 
 
-def load_reward_model(path: str, pad_token_id: int, dtype: str = "auto", trust_remote_code: bool = False):
+PAD_TOKEN = "<|pad|>"
+
+
+def load_reward_model(path: str, tokenizer, dtype: str = "auto", trust_remote_code: bool = False):
     """A sequence-classification model with one output (the reward), from a reward model or any causal LM.
+
+    The score is read at the last non-padding token (as `transformers` does). When the tokenizer pads with its
+    EOS token — most Llama-style tokenizers — that rule would skip the response's EOS and score the token
+    before it, so a truncated and a finished response would look the same: such a tokenizer gets its own
+    `<|pad|>` token here (the embeddings grow by one row; `final/` saves both).
 
     A head that the checkpoint does not have is initialised to zero, so every response starts at reward 0
     and the first gradient moves the head alone along the difference of hidden states.
@@ -74,18 +94,22 @@ def load_reward_model(path: str, pad_token_id: int, dtype: str = "auto", trust_r
 
     quiet_transformers()
     _check_path(path)
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code,
+            path, num_labels=1, dtype=training_dtypes(dtype)[0], trust_remote_code=trust_remote_code,
             output_loading_info=True)
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: cannot load a reward model ({str(e).splitlines()[0]})") from None
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     head = getattr(model, "score", None)
     if head is not None and any(k.startswith("score.") for k in info["missing_keys"]):
         with torch.no_grad():
             for p in head.parameters():
                 p.zero_()
-    model.config.pad_token_id = pad_token_id
+    model.config.pad_token_id = tokenizer.pad_token_id
     for p in model.parameters():  # a checkpoint may come from a frozen copy
         p.requires_grad_(True)
     return model.to(default_device())

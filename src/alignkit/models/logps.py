@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.data.collate import PackedPairBatch, SequenceBatch
+from alignkit.data.collate import PackedBatch, SequenceBatch
 
 
 @dataclass
@@ -122,11 +122,11 @@ def sequence_logps(model, batch: SequenceBatch) -> LogProbs:
     return LogProbs(token_logps, mask)
 
 
-def packed_pair_logps(model, batch: PackedPairBatch) -> SequenceLogps:
-    """(2B,) summed log-probs of the chosen (first B) and rejected (last B) responses of prefix-shared rows."""
+def packed_logps(model, batch: PackedBatch) -> SequenceLogps:
+    """(S,) summed log-probs of every response of a prefix-shared batch (pairs: chosen first, then rejected)."""
     values = target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.positions,
                           batch.targets)
-    n = 2 * batch.size
+    n = batch.num_sequences
     logps = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, batch.owner, values)
     lengths = torch.bincount(batch.owner, minlength=n)
     return SequenceLogps(logps, lengths)
@@ -134,19 +134,63 @@ def packed_pair_logps(model, batch: PackedPairBatch) -> SequenceLogps:
 
 def pair_logps(model, batch) -> SequenceLogps:
     """(2B,) chosen-then-rejected sequence log-probs, for prefix-shared or plainly padded pair batches."""
-    if isinstance(batch, PackedPairBatch):
-        return packed_pair_logps(model, batch)
+    if isinstance(batch, PackedBatch):
+        return packed_logps(model, batch)
     lp = sequence_logps(model, batch.sequences)
     return SequenceLogps(lp.logps, lp.lengths)
 
 
-def reward_scores(model, batch: SequenceBatch) -> torch.Tensor:
-    """(N,) scores of a sequence-classification reward model (num_labels=1).
+def _score_shortcut_ok(model, batch: PackedBatch) -> bool:
+    """Whether backbone → score head at the last token reproduces the classifier's own forward (checked once)."""
+    base = _unwrap(model)
+    cached = getattr(base, "_alignkit_fast_scores", None)
+    if cached is not None:
+        return cached
+    ok = False
+    was_training = base.training
+    devices = [torch.cuda.current_device()] if batch.input_ids.is_cuda else []
+    try:
+        backbone, head = getattr(base, "base_model", None), getattr(base, "score", None)
+        if backbone is not None and backbone is not base and isinstance(head, torch.nn.Linear):
+            base.eval()
+            with torch.no_grad(), torch.random.fork_rng(devices=devices):
+                fast = _packed_scores(base, backbone, head, batch)[0]
+                # sequence 0 alone (the tokens its last position sees), through the classifier's own forward
+                last = int(batch.last_positions[0])
+                row, col = divmod(last, batch.input_ids.shape[1])
+                seen = batch.attention_mask[row, 0, col, :col + 1]
+                ids = batch.input_ids[row, :col + 1][seen].unsqueeze(0)
+                full = base(input_ids=ids, use_cache=False).logits[0, 0]
+                ok = bool(torch.allclose(fast, full, rtol=1e-4, atol=1e-4))
+    except (AttributeError, TypeError, NotImplementedError, ValueError, IndexError):
+        ok = False
+    finally:
+        base.train(was_training)
+    base._alignkit_fast_scores = ok
+    return ok
 
-    The model's own forward picks the last non-padding token, exactly as plain `transformers` does when
-    it scores a text, so what we train is what others load.
+
+def _packed_scores(model, backbone, head, batch: PackedBatch) -> torch.Tensor:
+    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                      position_ids=batch.position_ids, use_cache=False).last_hidden_state       # (R, T, H)
+    return head(hidden.reshape(-1, hidden.shape[-1])[batch.last_positions])[:, 0]              # (S,)
+
+
+def reward_scores(model, batch: SequenceBatch | PackedBatch) -> torch.Tensor:
+    """(N,) scores of a sequence-classification reward model (num_labels=1) at each sequence's last
+    non-padding token — what plain `transformers` computes when it scores the text.
+
+    A padded batch goes through the model's own forward; a prefix-shared batch through its backbone and score
+    head (a shortcut verified once against the model's own forward; without it, an error names the fix).
     """
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, use_cache=False)
-    scores = out.logits[:, 0]
+    if isinstance(batch, PackedBatch):
+        if not _score_shortcut_ok(model, batch):
+            raise ValueError("this reward model's architecture does not support prefix sharing; "
+                             "set prefix_sharing: false")
+        base = _unwrap(model)
+        scores = _packed_scores(model, base.base_model, base.score, batch)
+    else:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, use_cache=False)
+        scores = out.logits[:, 0]
     return scores.to(torch.promote_types(scores.dtype, torch.float32))

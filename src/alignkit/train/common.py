@@ -21,12 +21,26 @@ def load_train_eval(cfg, kind: str, allowed: tuple[str, ...] | None = None):
     elif cfg.eval_fraction > 0 and len(rows) >= 2:
         order = list(range(len(rows)))
         random.Random(cfg.seed).shuffle(order)
-        n_eval = max(1, int(round(cfg.eval_fraction * len(rows))))
+        n_eval = min(len(rows) - 1, max(1, int(round(cfg.eval_fraction * len(rows)))))
         eval_rows = [rows[i] for i in sorted(order[:n_eval])]
         rows = [rows[i] for i in sorted(order[n_eval:])]
     else:
         eval_rows = []
     return train.kind, rows, eval_rows
+
+
+def drop_untrainable(examples: list, sources: list[str], has_targets) -> list:
+    """Drop examples that truncation left with nothing to learn (warned, counted); error if none remain."""
+    kept = [e for e in examples if has_targets(e)]
+    dropped = [s for e, s in zip(examples, sources) if not has_targets(e)]
+    if dropped:
+        print(f"warning: dropped {len(dropped)} rows with no trainable tokens after truncation to max_length "
+              f"(first: {dropped[0]}); raise max_length", file=sys.stderr)
+    if examples and not kept:
+        from alignkit.errors import UserError
+
+        raise UserError(f"{sources[0]}: no row has trainable tokens within max_length")
+    return kept
 
 
 def _load(paths, kind, on_bad_row, allowed):

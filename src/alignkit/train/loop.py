@@ -11,6 +11,7 @@ killed at any moment and started again takes the same steps on the same batches 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -163,18 +164,28 @@ def build_scheduler(optimizer, cfg, total: int):
 
 
 # ------------------------------------------------------------------------------------------- one step
-def train_step(model, optimizer, scheduler, batches: list, task: Task, max_grad_norm: float) -> dict:
+def autocast_context(dtype: torch.dtype | None):
+    """Mixed precision: fp32 master weights, forward in bf16 where asked (see models.load.training_dtypes)."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=default_device().type, dtype=dtype)
+
+
+def train_step(model, optimizer, scheduler, batches: list, task: Task, max_grad_norm: float,
+               compute_dtype: torch.dtype | None = None) -> dict:
     """One optimizer step over micro-batches. The loss is normalised by the loss units of *all* of them,
     so k micro-batches × accumulation give exactly the gradient of one batch of their union.
 
-    Returns the step's metrics, with `finite` False (and no update made) for a NaN/Inf loss or gradient.
+    Returns the step's metrics (`lr` is the rate this step used), with `finite` False — and no update
+    made — for a NaN/Inf loss or gradient. A step with no loss units (nothing to learn) updates nothing.
     """
     device = default_device()
     total_units = sum(task.units(b) for b in batches)
     sums: dict[str, list[float]] = {}
     loss_sum = 0.0
     for batch in batches:
-        out = task.loss(model, to_device(batch, device))
+        with autocast_context(compute_dtype):
+            out = task.loss(model, to_device(batch, device))
         (out.loss / max(total_units, 1)).backward()
         loss_sum += float(out.loss.detach())
         for name, (s, c) in out.metrics.items():
@@ -184,27 +195,30 @@ def train_step(model, optimizer, scheduler, batches: list, task: Task, max_grad_
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
-    if finite:
+    lr = scheduler.get_last_lr()[0]
+    if finite and total_units > 0:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     with warnings.catch_warnings():  # a skipped step still advances the schedule (torch warns about that)
         warnings.simplefilter("ignore", UserWarning)
         scheduler.step()
-    metrics = {"loss": loss_sum / max(total_units, 1), "grad_norm": float(grad_norm)}
+    metrics = {"loss": loss_sum / max(total_units, 1), "grad_norm": float(grad_norm), "lr": lr}
     metrics.update({k: s / c for k, (s, c) in sums.items() if c > 0})
     metrics["finite"] = finite
     return metrics
 
 
 @torch.no_grad()
-def evaluate(model, task: Task, examples: list, batch_size: int) -> dict[str, float]:
+def evaluate(model, task: Task, examples: list, batch_size: int,
+             compute_dtype: torch.dtype | None = None) -> dict[str, float]:
     """Loss and the task's metrics over `examples`, prefixed `eval/`."""
     model.eval()
     device = default_device()
     loss_sum, units, sums = 0.0, 0, {}
     for i in range(0, len(examples), batch_size):
         batch = task.collate(examples[i:i + batch_size])
-        out = task.loss(model, to_device(batch, device))
+        with autocast_context(compute_dtype):
+            out = task.loss(model, to_device(batch, device))
         loss_sum += float(out.loss)
         units += task.units(batch)
         for name, (s, c) in out.metrics.items():
@@ -246,6 +260,8 @@ class RunDir:
         """Create the folder and write config.yaml; return the checkpoint to resume from (or None)."""
         import yaml
 
+        if resume not in ("auto", "never") and not (Path(resume) / "state.json").is_file():
+            raise UserError(f'field "resume": {resume} is not a complete checkpoint folder')
         if resume == "never" and self.path.exists():
             for p in (self.checkpoints, self.final, self.metrics_path):
                 shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -258,10 +274,7 @@ class RunDir:
         if resume == "never":
             return None
         if resume != "auto":
-            path = Path(resume)
-            if not (path / "state.json").is_file():
-                raise UserError(f'field "resume": {resume} is not a complete checkpoint folder')
-            return path
+            return Path(resume)
         steps = self.checkpoint_steps()
         return self.checkpoints / f"step-{steps[-1]}" if steps else None
 
@@ -304,12 +317,20 @@ class MetricsLog:
 
     def __init__(self, run: RunDir, report_to: str, resume_step: int):
         self.path = run.metrics_path
-        if self.path.exists():  # drop what a killed run logged after its last checkpoint
-            kept = [ln for ln in self.path.read_text().splitlines() if ln.strip() and
-                    json.loads(ln).get("step", 0) <= resume_step]
-            self.path.write_text("".join(ln + "\n" for ln in kept))
+        kept = []
+        if self.path.exists() and resume_step > 0:  # drop what a killed run logged after its last checkpoint
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line torn by a kill
+                    continue
+                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
+                    kept.append(line)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
         self.file = open(self.path, "a", encoding="utf-8")
-        self.writer = _tracker(report_to, run)
+        self.writer, self.closer = _tracker(report_to, run, resume_step)
 
     def log(self, step: int, metrics: dict) -> None:
         clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
@@ -321,64 +342,89 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+        if self.closer is not None:
+            self.closer()
 
 
-def _tracker(report_to: str, run: RunDir):
+def _tracker(report_to: str, run: RunDir, resume_step: int):
+    """(write(step, metrics), close()) for the optional tracker, or (None, None)."""
     if report_to == "none":
-        return None
+        return None, None
     if report_to == "tensorboard":
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             raise UserError('report_to "tensorboard" needs the tensorboard package: pip install tensorboard') from None
-        writer = SummaryWriter(str(run.path / "tensorboard"))
+        writer = SummaryWriter(str(run.path / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
 
         def write(step, metrics):
             for k, v in metrics.items():
                 if isinstance(v, float):
                     writer.add_scalar(k, v, step)
             writer.flush()
-        return write
+        return write, writer.close
     if report_to == "wandb":
         try:
             import wandb
         except ImportError:
             raise UserError('report_to "wandb" needs: pip install "alignkit[tracking]"') from None
-        wandb.init(dir=str(run.path), name=run.path.name)
-        return lambda step, metrics: wandb.log(metrics, step=step)
+        wandb.init(dir=str(run.path), name=run.path.name, resume="allow", id=_run_id(run))
+        return (lambda step, metrics: wandb.log(metrics, step=step)), wandb.finish
     try:
         import mlflow
     except ImportError:
         raise UserError('report_to "mlflow" needs: pip install "alignkit[tracking]"') from None
     mlflow.start_run(run_name=run.path.name)
-    return lambda step, metrics: mlflow.log_metrics(
-        {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, float)}, step=step)
+    return (lambda step, metrics: mlflow.log_metrics(
+        {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, float)}, step=step)), mlflow.end_run
+
+
+def _run_id(run: RunDir) -> str:
+    """A stable id per run folder, so a resumed run continues the same tracker run."""
+    import hashlib
+
+    return hashlib.sha1(str(run.path.resolve()).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------- fit
 def fit(cfg, task: Task) -> dict:
     """Train `task` as `cfg` says; return the last logged metrics. Resumes from the newest checkpoint."""
+    from alignkit.models.load import training_dtypes
+
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     run = RunDir(cfg.output_dir)
-    if cfg.resume == "auto" and run.done_marker.is_file():
+    resume = cfg.resume or "auto"
+    if resume == "auto" and run.done_marker.is_file():
         print(f"{run.path}: this run is already complete (final/ exists); use --resume never to start over")
         return json.loads(run.done_marker.read_text()).get("metrics", {})
+    if not task.train_examples:
+        raise UserError("no training examples are left (all rows were held out or dropped)")
     model = task.model
     model.train()
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    _, compute_dtype = training_dtypes(cfg.dtype)
     lengths = [len(x) for x in task.train_examples] if cfg.group_by_length else None
     order = DataOrder(len(task.train_examples), cfg.batch_size, cfg.seed, lengths)
     steps = total_steps(cfg, order)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
+    shape = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+             "num_examples": len(task.train_examples), "total_steps": steps, "group_by_length": cfg.group_by_length}
 
-    checkpoint = run.start(cfg, cfg.resume)
-    state = {"consecutive_bad": 0, "skipped_steps": 0}
+    checkpoint = run.start(cfg, resume)
+    state = {"consecutive_bad": 0, "skipped_steps": 0, "shape": shape}
     start = 0
     if checkpoint is not None:
+        saved = json.loads((checkpoint / "state.json").read_text())
+        changed = {k: (saved.get("shape", {}).get(k), v) for k, v in shape.items()
+                   if saved.get("shape", {}).get(k) != v}
+        if changed:
+            what = ", ".join(f"{k} {old} → {new}" for k, (old, new) in changed.items())
+            raise UserError(f"{checkpoint}: the checkpoint belongs to a run with other settings ({what}); "
+                            "use the same settings, or --resume never to start over")
         state = RunDir.load_checkpoint(checkpoint, model, optimizer, scheduler)
         start = state.pop("step")
         state.pop("rng", None)
@@ -386,9 +432,13 @@ def fit(cfg, task: Task) -> dict:
     if task.prepare is not None:
         task.prepare(run)
     log = MetricsLog(run, cfg.report_to, start)
+
+    def run_eval() -> dict:
+        return evaluate(model, task, task.eval_examples, eval_bs, compute_dtype)
+
     last: dict = {}
     if start == 0 and task.eval_examples and cfg.eval_every > 0:
-        log.log(0, evaluate(model, task, task.eval_examples, eval_bs))
+        log.log(0, run_eval())
 
     from tqdm.auto import tqdm
 
@@ -400,7 +450,7 @@ def fit(cfg, task: Task) -> dict:
         first = (step - 1) * cfg.grad_accum
         batches = [task.collate([task.train_examples[i] for i in order.batch(k)])
                    for k in range(first, first + cfg.grad_accum)]
-        metrics = train_step(model, optimizer, scheduler, batches, task, cfg.max_grad_norm)
+        metrics = train_step(model, optimizer, scheduler, batches, task, cfg.max_grad_norm, compute_dtype)
         window_tokens += sum(task.tokens(b) for b in batches)
         if metrics.pop("finite"):
             state["consecutive_bad"] = 0
@@ -417,27 +467,32 @@ def fit(cfg, task: Task) -> dict:
                 raise TrainingError(f"{state['consecutive_bad']} non-finite steps in a row at step {step} "
                                     f"(lower the learning rate, check the data); {where}")
         bar.update(1)
+        record: dict = {}
         if step % cfg.log_every == 0 or step == steps:
             elapsed = time.perf_counter() - window_start
-            last = {k: sum(m[k] for m in window if k in m) / max(1, sum(k in m for m in window))
-                    for k in (window[-1] if window else {})}
+            keys = dict.fromkeys(k for m in window for k in m)
+            last = {k: sum(m[k] for m in window if k in m) / sum(k in m for m in window) for k in keys}
             if task.derive is not None:
                 last.update(task.derive(last))
-            last.update({"lr": scheduler.get_last_lr()[0], "epoch": order.epoch(step * cfg.grad_accum),
+            last.update({"epoch": order.epoch(step * cfg.grad_accum),
                          "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                          "skipped_steps": state["skipped_steps"]})
-            log.log(step, last)
+            record.update(last)
             bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
             window, window_tokens, window_start = [], 0, time.perf_counter()
         if task.eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-            result = evaluate(model, task, task.eval_examples, eval_bs)
-            log.log(step, result)
+            result = run_eval()
+            record.update(result)
             last.update(result)
+        if record:
+            log.log(step, record)  # one object per logged step: training and evaluation metrics together
         if cfg.save_every and step % cfg.save_every == 0 and step < steps:
             run.save_checkpoint(step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
     bar.close()
     log.close()
     task.save_final(run.final)
-    run.done_marker.write_text(json.dumps({"step": steps, "metrics": last}))
+    tmp = run.done_marker.with_name(run.done_marker.name + ".tmp")
+    tmp.write_text(json.dumps({"step": steps, "metrics": last}))
+    os.replace(tmp, run.done_marker)
     print(f"alignkit {task.name}: done, {steps} steps; final model in {run.final}")
     return last

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from alignkit.data.collate import (
-    PackedPairBatch,
+    PackedBatch,
     PairBatch,
     TokenizedPair,
     collate_packed_pairs,
@@ -32,7 +32,7 @@ class PrefExample:
 
 @dataclass
 class PrefBatch:
-    pairs: PackedPairBatch | PairBatch  # responses A (first B rows of its log-probs) and B (last B)
+    pairs: PackedBatch | PairBatch  # responses A (first B rows of its log-probs) and B (last B)
     ref_logps: torch.Tensor | None     # (2B,) precomputed reference log-probs, A then B; None = compute
     labels: torch.Tensor | None        # (B,) bool, KTO only
 
@@ -43,7 +43,7 @@ class PrefBatch:
     @property
     def num_tokens(self) -> int:
         p = self.pairs
-        return p.num_tokens if isinstance(p, PackedPairBatch) else p.sequences.num_tokens
+        return p.num_tokens if isinstance(p, PackedBatch) else p.sequences.num_tokens
 
 
 def collate_preference(examples: list[PrefExample], pad_id: int, prefix_sharing: bool = True) -> PrefBatch:

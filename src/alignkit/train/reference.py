@@ -64,7 +64,8 @@ def build_reference(cfg, policy) -> Reference | None:
         return None
     if cfg.lora_r > 0 and cfg.ref_model in ("", cfg.model):
         return Reference(policy=policy)
-    return Reference(model=load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code))
+    return Reference(model=load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code,
+                                          for_training=False))
 
 
 def _fingerprint(cfg, examples: list) -> str:

@@ -85,6 +85,7 @@ def train_reward(cfg) -> dict:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     kind, train_rows, eval_rows = load_train_eval(cfg, "auto", allowed=("pairwise", "ranked"))
+    model = load_reward_model(cfg.model, tokenizer, cfg.dtype, cfg.trust_remote_code)  # may add a pad token
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     pad = tokenizer.pad_token_id
     if kind == "ranked" and cfg.ranked_loss == "pairs":
@@ -97,7 +98,6 @@ def train_reward(cfg) -> dict:
         loss = lambda m, b: ranked_step_loss(m, b, cfg.center_rewards)
     train = [encode(encoder, r) for r in train_rows]
     evals = [encode(encoder, r) for r in eval_rows]
-    model = load_reward_model(cfg.model, pad, cfg.dtype, cfg.trust_remote_code)
     model = apply_lora(model, cfg, "SEQ_CLS")
     task = Task(
         name="reward",

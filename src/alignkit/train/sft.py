@@ -10,7 +10,7 @@ from alignkit.data.tokenize import Encoder
 from alignkit.losses import sft_token_loss
 from alignkit.models.load import apply_lora, load_causal_lm, load_tokenizer, save_pretrained_atomic
 from alignkit.models.logps import sequence_logps
-from alignkit.train.common import load_train_eval
+from alignkit.train.common import drop_untrainable, load_train_eval
 from alignkit.train.loop import StepOutput, Task, fit, seed_everything
 
 
@@ -26,8 +26,11 @@ def train_sft(cfg) -> dict:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     _, train_rows, eval_rows = load_train_eval(cfg, "sft", allowed=("sft",))
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
-    train = [encoder.sft(r, cfg.completion_only_loss) for r in train_rows]
-    evals = [encoder.sft(r, cfg.completion_only_loss) for r in eval_rows]
+    has_targets = lambda seq: any(seq.loss_mask[1:])  # noqa: E731  (the first token is never predicted)
+    train = drop_untrainable([encoder.sft(r, cfg.completion_only_loss) for r in train_rows],
+                             [r.source for r in train_rows], has_targets)
+    evals = drop_untrainable([encoder.sft(r, cfg.completion_only_loss) for r in eval_rows],
+                             [r.source for r in eval_rows], has_targets)
     model = apply_lora(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
     pad = tokenizer.pad_token_id
     task = Task(
