@@ -113,3 +113,17 @@ def test_tensorboard_reporting(tmp_path, tiny_model_dir):
     train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=2, batch_size=8,
                         report_to="tensorboard"))
     assert any((out / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("kind", ["pairwise", "ranked"])
+def test_reward_prefix_sharing_changes_nothing(tmp_path, tiny_model_dir, kind):
+    rows = pairwise_rows(64, seed=13) if kind == "pairwise" else ranked_rows(32, k=3, seed=13)
+    data = write_jsonl(tmp_path / "d.jsonl", rows)
+    losses = {}
+    for shared in (True, False):
+        out = tmp_path / f"run-{shared}"
+        train_reward(RewardConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=4,
+                                  batch_size=8, lr=1e-3, eval_fraction=0.0, prefix_sharing=shared))
+        losses[shared] = [m["loss"] for m in _metrics(out)]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-4)
+    assert losses[True][-1] < losses[True][0]

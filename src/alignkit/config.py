@@ -109,6 +109,7 @@ class RewardConfig(TrainConfig):
                               ("plackett_luce", "pairs"))
     use_margin: bool = option(True, "Use the rows' `margin` field in the Bradley–Terry loss when present.")
     center_rewards: float = option(0.0, "Coefficient of a (r_c + r_r)² penalty that keeps rewards centred at 0.")
+    prefix_sharing: bool = option(True, "One forward per row: [prompt | response 1 | … | response K] with a 4D mask.")
 
 
 @dataclass(frozen=True)

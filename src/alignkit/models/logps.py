@@ -151,7 +151,7 @@ def _score_shortcut_ok(model, batch: PackedBatch) -> bool:
     devices = [torch.cuda.current_device()] if batch.input_ids.is_cuda else []
     try:
         backbone, head = getattr(base, "base_model", None), getattr(base, "score", None)
-        if backbone is not None and backbone is not base and isinstance(head, torch.nn.Linear):
+        if backbone is not None and backbone is not base and isinstance(head, torch.nn.Module):
             base.eval()
             with torch.no_grad(), torch.random.fork_rng(devices=devices):
                 fast = _packed_scores(base, backbone, head, batch)[0]

@@ -13,10 +13,13 @@ from __future__ import annotations
 import torch
 
 from alignkit.data.collate import (
+    PackedBatch,
     PairBatch,
     RankedBatch,
     TokenizedPair,
     TokenizedRanking,
+    collate_packed_pairs,
+    collate_packed_rankings,
     collate_pairs,
     collate_rankings,
 )
@@ -48,8 +51,9 @@ def pair_accuracy(better: torch.Tensor, worse: torch.Tensor) -> float:
     return float((better > worse).sum() + 0.5 * (better == worse).sum())
 
 
-def pairwise_step_loss(model, batch: PairBatch, use_margin: bool = True, center: float = 0.0) -> StepOutput:
-    scores = reward_scores(model, batch.sequences)           # (2B,)
+def pairwise_step_loss(model, batch: PairBatch | PackedBatch, use_margin: bool = True,
+                       center: float = 0.0) -> StepOutput:
+    scores = reward_scores(model, batch.sequences if isinstance(batch, PairBatch) else batch)  # (2B,)
     chosen, rejected = scores.chunk(2)                        # (B,), (B,)
     margin = batch.margin if use_margin else None
     losses = bradley_terry_loss(chosen, rejected, margin)
@@ -91,10 +95,10 @@ def train_reward(cfg) -> dict:
     if kind == "ranked" and cfg.ranked_loss == "pairs":
         kind, train_rows, eval_rows = "pairwise", ranked_to_pairwise(train_rows), ranked_to_pairwise(eval_rows)
     if kind == "pairwise":
-        encode, collate = encode_pair, collate_pairs
+        encode, collate = encode_pair, (collate_packed_pairs if cfg.prefix_sharing else collate_pairs)
         loss = lambda m, b: pairwise_step_loss(m, b, cfg.use_margin, cfg.center_rewards)
     else:
-        encode, collate = encode_ranking, collate_rankings
+        encode, collate = encode_ranking, (collate_packed_rankings if cfg.prefix_sharing else collate_rankings)
         loss = lambda m, b: ranked_step_loss(m, b, cfg.center_rewards)
     train = [encode(encoder, r) for r in train_rows]
     evals = [encode(encoder, r) for r in eval_rows]
@@ -107,7 +111,7 @@ def train_reward(cfg) -> dict:
         collate=lambda xs: collate(xs, pad),
         loss=loss,
         units=lambda b: b.size,
-        tokens=lambda b: b.sequences.num_tokens,
+        tokens=lambda b: b.num_tokens if isinstance(b, PackedBatch) else b.sequences.num_tokens,
         save_final=lambda path: save_pretrained_atomic(model, tokenizer, path, cfg.lora_save),
     )
     return fit(cfg, task)
