@@ -59,7 +59,7 @@ class TrainConfig:
     lora_targets: tuple[str, ...] = option(("all-linear",), "Module names LoRA adapts ('all-linear' = every linear layer).")
     lora_save: str = option("merged", "final/ holds the merged model or only the adapter.", ("merged", "adapter"))
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass to save memory.")
-    dtype: str = option("auto", "Parameter dtype: auto = float32 on CPU, bfloat16 on GPU.", ("auto", "float32", "bfloat16", "float16"))
+    dtype: str = option("auto", "Compute precision: auto = float32 on CPU, bfloat16 autocast on GPU (trained weights stay float32).", ("auto", "float32", "bfloat16"))
     report_to: str = option("none", "Where metrics also go.", ("none", "tensorboard", "wandb", "mlflow"))
     resume: str = option("auto", "auto (or empty) = continue from the newest complete checkpoint; never = start over; or a checkpoint folder.")
     on_bad_row: str = option("error", "error = stop at the first bad row; skip = skip bad rows and report how many.", ("error", "skip"))
@@ -108,7 +108,7 @@ class RewardConfig(TrainConfig):
     ranked_loss: str = option("plackett_luce", "Loss on ranked data: the full ranking, or every pair of it.",
                               ("plackett_luce", "pairs"))
     use_margin: bool = option(True, "Use the rows' `margin` field in the Bradley–Terry loss when present.")
-    center_rewards: float = option(0.0, "Coefficient of a (r_c + r_r)² penalty that keeps rewards centred at 0.")
+    center_rewards: float = option(0.0, "Coefficient c of a c·(Σ_k r_k)² penalty (pairs: c·(r_c + r_r)²) that keeps rewards centred at 0.")
     prefix_sharing: bool = option(True, "One forward per row: [prompt | response 1 | … | response K] with a 4D mask.")
 
 

@@ -14,6 +14,9 @@ from alignkit.config import RewardConfig, SFTConfig
 
 
 def run_demo(output_dir: str = "runs/demo", seed: int = 0) -> dict:
+    from alignkit.models.load import quiet_transformers
+
+    quiet_transformers()
     started = time.perf_counter()
     out = Path(output_dir)
     base = examples.make_tiny_model(out / "base", seed=seed, hidden_size=64, num_layers=2)

@@ -29,8 +29,8 @@ def plackett_luce_loss(
     """Listwise ranking loss, −Σ_i [r_i − logsumexp_{j ≥ i, present} r_j] over present i
     (Plackett 1975, Luce 1959; the K-wise loss of Zhu et al. 2023). With K = 2 it is Bradley–Terry.
 
-    rewards: (B, K) ordered best first. mask: (B, K) bool, True = present (present entries first); the
-    last present item's term is 0. ties: optional (B, K) long tie-group ids, non-decreasing along K
+    rewards: (B, K) ordered best first. mask: (B, K) bool, True = present (present entries first); without
+    ties the last present item's term is 0. ties: optional (B, K) long tie-group ids, non-decreasing along K
     (equal id = tied). With ties, Breslow's (1974) approximation: the denominator of item i runs over the
     present j whose group id ≥ i's, so tied items share one denominator. Without ties the group id is
     the position, which gives the plain formula above.

@@ -411,8 +411,10 @@ def fit(cfg, task: Task) -> dict:
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
     eval_bs = cfg.eval_batch_size or cfg.batch_size
+    # what fixes the data order and the schedule: a checkpoint only resumes a run with the same values
     shape = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-             "num_examples": len(task.train_examples), "total_steps": steps, "group_by_length": cfg.group_by_length}
+             "num_examples": len(task.train_examples), "total_steps": steps, "group_by_length": cfg.group_by_length,
+             "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps}
 
     checkpoint = run.start(cfg, resume)
     state = {"consecutive_bad": 0, "skipped_steps": 0, "shape": shape}
@@ -486,7 +488,7 @@ def fit(cfg, task: Task) -> dict:
             last.update(result)
         if record:
             log.log(step, record)  # one object per logged step: training and evaluation metrics together
-        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps and state["consecutive_bad"] == 0:
             run.save_checkpoint(step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
     bar.close()
     log.close()

@@ -88,17 +88,19 @@ def precompute_reference(cfg, reference: Reference, splits: dict[str, list], col
     if not stored:
         from tqdm.auto import tqdm
 
-        batch_size = cfg.eval_batch_size or cfg.batch_size
+        # no gradients here, so batches can be larger; sorted by length so they hold little padding
+        batch_size = 4 * max(cfg.batch_size, cfg.eval_batch_size)
         total = sum(len(v) for v in splits.values())
         bar = tqdm(total=total, desc="reference log-probs", unit="ex", disable=None, file=sys.stderr)
         for name, examples in splits.items():
-            values = []
-            for i in range(0, len(examples), batch_size):
-                chunk = examples[i:i + batch_size]
-                out = reference.pair_logps(to_device(collate(chunk).pairs, default_device()))
-                values.append(torch.stack(out.logps.float().cpu().chunk(2), dim=1))  # (b, 2)
-                bar.update(len(chunk))
-            stored[name] = torch.cat(values) if values else torch.zeros((0, 2))
+            values = torch.zeros((len(examples), 2))
+            order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                out = reference.pair_logps(to_device(collate([examples[j] for j in idx]).pairs, default_device()))
+                values[idx] = torch.stack(out.logps.float().cpu().chunk(2), dim=1)  # (b, 2)
+                bar.update(len(idx))
+            stored[name] = values
         bar.close()
         tmp = path.with_name(path.name + ".tmp")
         save_file(stored, tmp, metadata={"fingerprint": fingerprint})

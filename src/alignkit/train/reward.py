@@ -73,9 +73,8 @@ def ranked_step_loss(model, batch: RankedBatch, center: float = 0.0) -> StepOutp
     scores = reward_scores(model, batch.sequences)                 # (N,)
     rewards = scores[batch.index]                                   # (B, K)
     losses = plackett_luce_loss(rewards, batch.mask, batch.ties)
-    if center > 0:
-        present = batch.mask.float()
-        losses = losses + center * ((rewards * present).sum(-1) / present.sum(-1)) ** 2
+    if center > 0:  # c·(Σ_k r_k)², which is c·(r_c + r_r)² for a pair
+        losses = losses + center * torch.where(batch.mask, rewards, 0.0).sum(-1) ** 2
     r = rewards.detach()
     # every ordered pair (i better than j): i before j, both present, not tied
     k = r.shape[1]

@@ -24,7 +24,7 @@ def sft_step_loss(model, batch: SequenceBatch) -> StepOutput:
 def train_sft(cfg) -> dict:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    _, train_rows, eval_rows = load_train_eval(cfg, "sft", allowed=("sft",))
+    _, train_rows, eval_rows = load_train_eval(cfg, "auto", allowed=("sft",))
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     has_targets = lambda seq: any(seq.loss_mask[1:])  # noqa: E731  (the first token is never predicted)
     train = drop_untrainable([encoder.sft(r, cfg.completion_only_loss) for r in train_rows],

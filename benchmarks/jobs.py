@@ -1,0 +1,111 @@
+"""One benchmark job per process: `python benchmarks/jobs.py JOB WORLD_DIR STEPS DATA OUT_DIR`.
+
+Prints one JSON line: wall seconds of the whole job (model loading, tokenization, reference pass, training),
+the process's peak resident memory, and the first logged training loss. Settings shared by both libraries:
+batch 8, constant learning rate 1e-5, β 0.1, no warmup, no weight decay, gradient clipping at 1.0, seed 0.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+
+BATCH, LR, BETA, SEED = 8, 1e-5, 0.1, 0
+
+
+def alignkit_dpo(world, steps, data, out, precompute=True):
+    from alignkit.config import DPOConfig
+    from alignkit.train.dpo import train_dpo
+
+    train_dpo(DPOConfig(model=world["policy"], ref_model=world["reference"], data=(data,), output_dir=out,
+                        max_steps=steps, batch_size=BATCH, lr=LR, beta=BETA, lr_schedule="constant",
+                        max_length=512, max_prompt_length=256, seed=SEED, resume="never", log_every=1))
+    return _first_loss(out)
+
+
+def alignkit_reward(world, steps, data, out):
+    from alignkit.config import RewardConfig
+    from alignkit.train.reward import train_reward
+
+    train_reward(RewardConfig(model=world["policy"], data=(data,), output_dir=out, max_steps=steps,
+                              batch_size=BATCH, lr=LR, lr_schedule="constant", max_length=512,
+                              max_prompt_length=256, seed=SEED, resume="never", eval_fraction=0.0, log_every=1))
+    return _first_loss(out)
+
+
+def _first_loss(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return next(json.loads(line)["loss"] for line in f if '"loss"' in line)
+
+
+def _trl_common(out, steps, checkpointing=True):
+    # TRL's DPOConfig and RewardConfig turn gradient checkpointing on by default; alignkit's default is off
+    return dict(gradient_checkpointing=checkpointing, output_dir=out, per_device_train_batch_size=BATCH, max_steps=steps, learning_rate=LR,
+                lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0, seed=SEED,
+                logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, disable_tqdm=True,
+                dataloader_num_workers=0, bf16=False)
+
+
+def trl_dpo(world, steps, data, out, precompute=False, checkpointing=True):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import DPOConfig, DPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["policy"])
+    model = AutoModelForCausalLM.from_pretrained(world["policy"])
+    ref = AutoModelForCausalLM.from_pretrained(world["reference"])
+    args = DPOConfig(**_trl_common(out, steps, checkpointing), beta=BETA, max_length=512,
+                     precompute_ref_log_probs=precompute)
+    dataset = load_dataset("json", data_files=data, split="train")
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+
+
+def trl_reward(world, steps, data, out, checkpointing=True):
+    from datasets import load_dataset
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from trl import RewardConfig, RewardTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["policy"])
+    model = AutoModelForSequenceClassification.from_pretrained(world["policy"], num_labels=1)
+    args = RewardConfig(**_trl_common(out, steps, checkpointing), max_length=512)
+    dataset = load_dataset("json", data_files=data, split="train")
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    return next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+
+
+JOBS = {
+    "alignkit-dpo": alignkit_dpo,
+    "trl-dpo": trl_dpo,
+    "trl-dpo-precompute": lambda *a: trl_dpo(*a, precompute=True),
+    "trl-dpo-no-checkpointing": lambda *a: trl_dpo(*a, checkpointing=False),
+    "alignkit-reward": alignkit_reward,
+    "trl-reward": trl_reward,
+    "trl-reward-no-checkpointing": lambda *a: trl_reward(*a, checkpointing=False),
+}
+
+
+def main():
+    job, world_dir, steps, data, out = sys.argv[1:6]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    torch.manual_seed(SEED)
+    with open(os.path.join(world_dir, "world.json")) as f:
+        world = json.load(f)
+    start = time.perf_counter()
+    first_loss = JOBS[job](world, int(steps), data, out)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"job": job, "seconds": seconds, "peak_rss_mb": peak_mb, "first_loss": first_loss}))
+
+
+if __name__ == "__main__":
+    main()

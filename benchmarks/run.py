@@ -1,0 +1,83 @@
+"""alignkit vs TRL, side by side, on the same model, data and settings (SPEC §12).
+
+    python benchmarks/run.py [--steps 30] [--pairs 240] [--threads 2] [--only dpo|reward]
+
+Each job runs in its own process (one after another, same thread count); the table gives wall time, peak
+RSS, and the ratios TRL / alignkit (so > 1 means alignkit is faster or smaller). TRL runs in its default
+configuration (which turns gradient checkpointing on), with `precompute_ref_log_probs=True`, and without
+gradient checkpointing (its fastest setting on CPU, and alignkit's default). The first-step losses
+come from a separate one-step run on one batch of 8 pairs, so that data order cannot change them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+
+def run_job(job: str, world_dir: Path, steps: int, data: str, threads: int) -> dict:
+    out = tempfile.mkdtemp(prefix=f"bench-{job}-")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run([sys.executable, str(HERE / "jobs.py"), job, str(world_dir), str(steps), data, out],
+                          capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise SystemExit(f"{job} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--pairs", type=int, default=240)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--only", choices=["dpo", "reward"], default=None)
+    parser.add_argument("--world", default=None, help="folder for the model and data (default: a temp folder)")
+    args = parser.parse_args()
+    try:
+        import trl
+    except ImportError:
+        raise SystemExit('the benchmark needs TRL: pip install -e ".[bench]"') from None
+
+    sys.path.insert(0, str(HERE))
+    from world import build
+
+    world_dir = Path(args.world or tempfile.mkdtemp(prefix="bench-world-"))
+    world = build(world_dir, args.pairs)
+    (world_dir / "world.json").write_text(json.dumps(world))
+    import torch
+    import transformers
+
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+          f"{args.threads} threads, {args.steps} steps of batch 8, {args.pairs} pairs")
+    groups = {"dpo": [("alignkit-dpo", "trl-dpo"), ("alignkit-dpo", "trl-dpo-precompute"),
+                      ("alignkit-dpo", "trl-dpo-no-checkpointing")],
+              "reward": [("alignkit-reward", "trl-reward"), ("alignkit-reward", "trl-reward-no-checkpointing")]}
+    results = {}
+    for name, comparisons in groups.items():
+        if args.only and name != args.only:
+            continue
+        for ours, theirs in comparisons:
+            for job in (ours, theirs):
+                if job not in results:
+                    timed = run_job(job, world_dir, args.steps, world["pairs"], args.threads)
+                    first = run_job(job, world_dir, 1, world["first_batch"], args.threads)
+                    results[job] = {**timed, "first_loss": first["first_loss"]}
+            a, t = results[ours], results[theirs]
+            print(f"\n{ours} vs {theirs}")
+            print(f"  wall time   {a['seconds']:8.2f} s vs {t['seconds']:8.2f} s   speed-up x{t['seconds'] / a['seconds']:.2f}")
+            print(f"  peak RSS    {a['peak_rss_mb']:8.0f} MB vs {t['peak_rss_mb']:8.0f} MB   ratio x{t['peak_rss_mb'] / a['peak_rss_mb']:.2f}")
+            diff = abs(a["first_loss"] - t["first_loss"]) / abs(t["first_loss"])
+            print(f"  first loss  {a['first_loss']:.6f} vs {t['first_loss']:.6f}   rel. diff {100 * diff:.3f}%")
+    print("\n" + json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

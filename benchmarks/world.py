@@ -1,0 +1,39 @@
+"""The benchmark's shared inputs: a tiny Llama (hidden 256, 4 layers) with a word-level tokenizer, a reference
+model of the same shape from another random init, and preference pairs with prompts of 16–96 words and
+responses of 8–64 words (each word one token). Both libraries read exactly these files."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+VOCAB = [f"w{i}" for i in range(2000)]
+
+
+def sentence(rng: random.Random, low: int, high: int) -> str:
+    return " ".join(rng.choice(VOCAB) for _ in range(rng.randint(low, high)))
+
+
+def build(root: Path, pairs: int, seed: int = 0) -> dict:
+    from alignkit.models.tiny import build_tiny_llama, build_word_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer(VOCAB)
+    for name, model_seed in (("policy", 0), ("reference", 1)):
+        model = build_tiny_llama(tokenizer, hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024,
+                                 seed=model_seed)
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(pairs):
+        # TRL concatenates prompt + response text, so responses start with a space
+        rows.append({"prompt": sentence(rng, 16, 96), "chosen": " " + sentence(rng, 8, 64),
+                     "rejected": " " + sentence(rng, 8, 64)})
+    with open(root / "pairs.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(root / "first_batch.jsonl", "w") as f:  # the first-step loss check: one batch, order-free
+        f.writelines(json.dumps(r) + "\n" for r in rows[:8])
+    return {"policy": str(root / "policy"), "reference": str(root / "reference"),
+            "pairs": str(root / "pairs.jsonl"), "first_batch": str(root / "first_batch.jsonl")}
