@@ -1,7 +1,8 @@
 """One benchmark job per process: `python benchmarks/jobs.py JOB WORLD_DIR STEPS DATA OUT_DIR`.
 
 Prints one JSON line: wall seconds of the whole job (model loading, tokenization, reference pass, training),
-the process's peak resident memory, and the first logged training loss. Settings shared by both libraries:
+seconds of the training loop alone (alignkit: its step loop; TRL: `train_runtime`; a precomputed reference
+pass is outside both), the process's peak resident memory, and the first logged training loss. Settings shared by both libraries:
 batch 8, constant learning rate 1e-5, β 0.1, no warmup, no weight decay, gradient clipping at 1.0, seed 0.
 """
 
@@ -23,7 +24,7 @@ def alignkit_dpo(world, steps, data, out, precompute=True):
     train_dpo(DPOConfig(model=world["policy"], ref_model=world["reference"], data=(data,), output_dir=out,
                         max_steps=steps, batch_size=BATCH, lr=LR, beta=BETA, lr_schedule="constant",
                         max_length=512, max_prompt_length=256, seed=SEED, resume="never", log_every=1))
-    return _first_loss(out)
+    return _first_loss(out), _loop_seconds(out)
 
 
 def alignkit_reward(world, steps, data, out):
@@ -33,7 +34,12 @@ def alignkit_reward(world, steps, data, out):
     train_reward(RewardConfig(model=world["policy"], data=(data,), output_dir=out, max_steps=steps,
                               batch_size=BATCH, lr=LR, lr_schedule="constant", max_length=512,
                               max_prompt_length=256, seed=SEED, resume="never", eval_fraction=0.0, log_every=1))
-    return _first_loss(out)
+    return _first_loss(out), _loop_seconds(out)
+
+
+def _loop_seconds(out):
+    with open(os.path.join(out, "final", "alignkit_run.json")) as f:
+        return json.load(f)["loop_seconds"]
 
 
 def _first_loss(out):
@@ -61,8 +67,8 @@ def trl_dpo(world, steps, data, out, precompute=False, checkpointing=True):
                      precompute_ref_log_probs=precompute)
     dataset = load_dataset("json", data_files=data, split="train")
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
-    return next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+    result = trainer.train()
+    return next(h["loss"] for h in trainer.state.log_history if "loss" in h), result.metrics["train_runtime"]
 
 
 def trl_reward(world, steps, data, out, checkpointing=True):
@@ -75,8 +81,8 @@ def trl_reward(world, steps, data, out, checkpointing=True):
     args = RewardConfig(**_trl_common(out, steps, checkpointing), max_length=512)
     dataset = load_dataset("json", data_files=data, split="train")
     trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
-    trainer.train()
-    return next(h["loss"] for h in trainer.state.log_history if "loss" in h)
+    result = trainer.train()
+    return next(h["loss"] for h in trainer.state.log_history if "loss" in h), result.metrics["train_runtime"]
 
 
 JOBS = {
@@ -101,10 +107,11 @@ def main():
     with open(os.path.join(world_dir, "world.json")) as f:
         world = json.load(f)
     start = time.perf_counter()
-    first_loss = JOBS[job](world, int(steps), data, out)
+    first_loss, loop_seconds = JOBS[job](world, int(steps), data, out)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"job": job, "seconds": seconds, "peak_rss_mb": peak_mb, "first_loss": first_loss}))
+    print(json.dumps({"job": job, "seconds": seconds, "loop_seconds": loop_seconds, "peak_rss_mb": peak_mb,
+                      "first_loss": first_loss, "pairs_per_s": int(steps) * BATCH / loop_seconds}))
 
 
 if __name__ == "__main__":

@@ -448,6 +448,7 @@ def fit(cfg, task: Task) -> dict:
                dynamic_ncols=True, file=sys.stderr)
     window: list[dict] = []
     window_tokens, window_start = 0, time.perf_counter()
+    loop_start = time.perf_counter()
     for step in range(start + 1, steps + 1):
         first = (step - 1) * cfg.grad_accum
         batches = [task.collate([task.train_examples[i] for i in order.batch(k)])
@@ -492,9 +493,11 @@ def fit(cfg, task: Task) -> dict:
             run.save_checkpoint(step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
     bar.close()
     log.close()
+    loop_seconds = time.perf_counter() - loop_start
     task.save_final(run.final)
     tmp = run.done_marker.with_name(run.done_marker.name + ".tmp")
-    tmp.write_text(json.dumps({"step": steps, "metrics": last}))
+    tmp.write_text(json.dumps({"step": steps, "metrics": last, "loop_seconds": loop_seconds,
+                               "steps_this_process": steps - start}))
     os.replace(tmp, run.done_marker)
     print(f"alignkit {task.name}: done, {steps} steps; final model in {run.final}")
     return last

@@ -1,0 +1,111 @@
+"""The rollout engine: batched sampling with a KV cache, and the log-probs of what was sampled.
+
+`generate` is the default `GenerateFn`; anything with the same call signature (a vLLM backend, say) can
+replace it. Prompts are left-padded so every row's next token sits in the last column; position ids count
+real tokens only, so padding changes nothing. Sampling uses its own `torch.Generator`, seeded by the caller
+(e.g. from the run seed and the iteration), which makes rollouts reproducible and resumable without any
+global RNG state.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+@dataclass
+class Rollout:
+    prompt_ids: torch.Tensor     # (B, P) long, left-padded
+    prompt_mask: torch.Tensor    # (B, P) bool, True = real token
+    response_ids: torch.Tensor   # (B, R) long, right-padded with pad_id after EOS
+    response_mask: torch.Tensor  # (B, R) bool, True = sampled token (EOS included)
+    logps: torch.Tensor          # (B, R) log-prob of each sampled token at the sampling temperature, 0 if masked
+    finished: torch.Tensor       # (B,) bool, True = the response ended with EOS
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.response_mask.sum(-1)
+
+
+class GenerateFn(Protocol):
+    def __call__(self, model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+                 temperature: float = 1.0, top_p: float = 1.0,
+                 generator: torch.Generator | None = None) -> Rollout: ...
+
+
+def left_pad(prompts: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompts), width), dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[i, width - len(p):] = True
+    return ids.to(device), mask.to(device)
+
+
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Keep the smallest set of tokens whose probability reaches `top_p` (nucleus sampling); −inf elsewhere."""
+    if top_p >= 1.0:
+        return logits
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    cumulative = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cumulative - sorted_logits.softmax(-1) >= top_p  # mass before this token already reaches top_p
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+
+
+def _cache_kwarg(model) -> str:
+    params = inspect.signature(model.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
+             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+    """Sample up to `max_new_tokens` per prompt (stopping a row at EOS) with a KV cache.
+
+    Returns the tokens and log softmax(logits / temperature)[token] for each — the log-prob the policy gave
+    the token when it was sampled (top-p only restricts which tokens can be drawn, as in TRL and vLLM).
+    """
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    batch = prompt_ids.shape[0]
+    attention = prompt_mask.long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    cache_kw = _cache_kwarg(model)
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True)
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    logits = out.logits[:, -1]
+    next_position = positions[:, -1] + 1
+    tokens, logps = [], []
+    alive = torch.ones(batch, dtype=torch.bool, device=device)
+    alive_steps = []
+    for _ in range(max_new_tokens):
+        scaled = logits.float() / max(temperature, 1e-6)
+        logp_all = scaled.log_softmax(-1)
+        probs = top_p_filter(scaled, top_p).softmax(-1)
+        token = torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu"
+                                  else probs, 1, generator=generator).squeeze(-1).to(device)
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        tokens.append(token)
+        logps.append(torch.where(alive, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1), 0.0))
+        alive_steps.append(alive.clone())
+        alive = alive & (token != eos_id)
+        if not bool(alive.any()):
+            break
+        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
+        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention,
+                    position_ids=next_position.unsqueeze(-1), use_cache=True, **{cache_kw: cache})
+        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+        logits = out.logits[:, -1]
+        next_position = next_position + 1
+    model.train(was_training)
+    response_ids = torch.stack(tokens, dim=1)
+    response_mask = torch.stack(alive_steps, dim=1)
+    finished = (response_ids == eos_id).any(-1)
+    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.stack(logps, dim=1), finished)

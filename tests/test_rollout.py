@@ -1,0 +1,74 @@
+"""The rollout engine: KV-cache sampling equals a full forward, padding changes nothing, EOS stops a row."""
+
+import math
+
+import pytest
+import torch
+
+from alignkit.rl.rollout import generate, top_p_filter
+
+
+@pytest.fixture(scope="module")
+def model64(tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+
+
+PROMPTS = [[1, 30, 31, 32, 7], [1, 12], [1, 40, 41, 5]]
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    """p = (0.5, 0.3, 0.15, 0.05): top_p 0.7 keeps the first two (0.5 < 0.7 ≤ 0.8); top_p 0.5 keeps one."""
+    logits = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)]])
+    kept = torch.isfinite(top_p_filter(logits, 0.7))
+    assert kept.tolist() == [[True, True, False, False]]
+    assert torch.isfinite(top_p_filter(logits, 0.5)).tolist() == [[True, False, False, False]]
+    assert torch.equal(top_p_filter(logits, 1.0), logits)
+
+
+def test_sampled_logps_equal_a_full_forward_at_the_temperature(model64, tokenizer):
+    g = torch.Generator().manual_seed(0)
+    r = generate(model64, PROMPTS, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                 max_new_tokens=6, temperature=0.7, top_p=0.9, generator=g)
+    for i, prompt in enumerate(PROMPTS):
+        n = int(r.response_mask[i].sum())
+        ids = torch.tensor([prompt + r.response_ids[i, :n].tolist()])
+        with torch.no_grad():
+            logits = model64(input_ids=ids).logits[0].double()
+        oracle = [float((logits[len(prompt) - 1 + k] / 0.7).log_softmax(-1)[ids[0, len(prompt) + k]])
+                  for k in range(n)]
+        torch.testing.assert_close(r.logps[i, :n], torch.tensor(oracle, dtype=r.logps.dtype), rtol=0, atol=1e-6)
+        assert float(r.logps[i, n:].abs().sum()) == 0.0
+
+
+def test_left_padding_changes_nothing_greedy(model64, tokenizer):
+    kw = dict(pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=5, temperature=1e-6)
+    batched = generate(model64, PROMPTS, **kw)
+    for i, prompt in enumerate(PROMPTS):
+        alone = generate(model64, [prompt], **kw)
+        n = int(alone.response_mask[0].sum())
+        assert batched.response_ids[i, :n].tolist() == alone.response_ids[0, :n].tolist()
+
+
+def test_eos_ends_a_row_and_seeds_reproduce(model64, tokenizer):
+    eos = tokenizer.eos_token_id
+    boost = torch.zeros(model64.config.vocab_size, dtype=torch.float64)
+    boost[eos] = 2.0  # make EOS likely enough that some rows end early and some do not
+    hook = model64.lm_head.register_forward_hook(lambda module, inputs, output: output + boost)
+    try:
+        runs = [generate(model64, PROMPTS * 4, pad_id=tokenizer.pad_token_id, eos_id=eos, max_new_tokens=8,
+                         temperature=1.0, generator=torch.Generator().manual_seed(3)) for _ in range(2)]
+    finally:
+        hook.remove()
+    assert torch.equal(runs[0].response_ids, runs[1].response_ids)
+    r = runs[0]
+    for row, mask, finished in zip(r.response_ids, r.response_mask, r.finished):
+        n = int(mask.sum())
+        assert mask[:n].all() and not mask[n:].any()
+        if finished:
+            assert int(row[n - 1]) == eos and eos not in row[:n - 1].tolist()
+            assert (row[n:] == tokenizer.pad_token_id).all()
+        else:
+            assert n == r.response_ids.shape[1]
+    assert 0 < int(r.finished.sum()) < len(r.finished)
