@@ -14,6 +14,7 @@ import typing
 from alignkit.config import (
     DPOConfig,
     KTOConfig,
+    PPOConfig,
     RewardConfig,
     SFTConfig,
     _base_type,
@@ -32,6 +33,7 @@ TRAIN_COMMANDS = {
     "dpo": (DPOConfig, "alignkit.train.dpo:train_dpo", "direct preference optimisation (DPO, IPO, cDPO, robust, "
             "hinge, SimPO, R-DPO) on pairwise data"),
     "kto": (KTOConfig, "alignkit.train.kto:train_kto", "Kahneman-Tversky optimisation on unary or pairwise data"),
+    "ppo": (PPOConfig, "alignkit.train.ppo:train_ppo", "online RLHF: PPO, RLOO or GRPO with a KL penalty"),
 }
 
 

@@ -160,6 +160,56 @@ class KTOConfig(PreferenceConfig):
             raise UserError('"desirable_weight" and "undesirable_weight" must be positive')
 
 
+@dataclass(frozen=True)
+class PPOConfig(TrainConfig):
+    """`alignkit ppo`: online RLHF — PPO with a value model, or the critic-free RLOO and GRPO — on prompts,
+    against reward models, a rule reward, or both, with a KL penalty to the frozen starting policy."""
+
+    algo: str = option("ppo", "ppo (value model, GAE) | rloo (leave-one-out) | grpo (group-normalised).",
+                       ("ppo", "rloo", "grpo"))
+    lr: float = option(1e-6, "Peak learning rate (AdamW).")
+    lr_schedule: str = option("constant", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine"))
+    reward_models: tuple[str, ...] = option((), "Reward model folder(s); several form an ensemble.")
+    reward_model: str = option("", "One reward model folder (same as reward_models with one entry).")
+    reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; added to the reward models.")
+    ensemble: str = option("mean", "How several reward models combine.", ("mean", "min", "uwo"))
+    uwo_lambda: float = option(1.0, "λ in uwo = mean − λ·variance across the ensemble.")
+    value_model: str = option("", "Value model initialisation: a folder; empty = the first reward model, else the policy.")
+    kl_coef: float = option(0.05, "β: KL penalty coefficient (the starting value when kl_target is set).")
+    kl_target: float = option(0.0, "Target sequence KL; > 0 turns on Ziegler et al.'s adaptive controller.")
+    kl_horizon: float = option(10000.0, "Horizon of the adaptive KL controller, in samples.")
+    kl_estimator: str = option("k1", "Per-token KL estimator (SPEC §11).", ("k1", "k2", "k3"))
+    length_penalty: float = option(0.0, "Subtracted from the score per response token.")
+    missing_eos_penalty: float = option(0.0, "Subtracted from the score of responses that did not end with EOS.")
+    reward_clip: float = option(0.0, "Clip scores to [−c, c]; 0 = no clipping.")
+    whiten_rewards: bool = option(False, "Whiten the shaped per-token rewards over the rollout (ppo).")
+    gamma: float = option(1.0, "Discount γ for GAE.")
+    gae_lambda: float = option(0.95, "λ for GAE.")
+    clip_range: float = option(0.2, "PPO ratio clip ε.")
+    value_clip_range: float = option(0.2, "Value clip around the rollout-time values.")
+    vf_coef: float = option(0.1, "Weight of the value loss.")
+    ppo_epochs: int = option(1, "Passes over each rollout.")
+    num_minibatches: int = option(1, "Minibatches per pass.")
+    rollout_batch_size: int = option(16, "Prompts per iteration.")
+    samples_per_prompt: int = option(1, "Completions per prompt (the group for rloo/grpo; at least 2 there).")
+    max_new_tokens: int = option(32, "Longest response to sample.")
+    temperature: float = option(1.0, "Sampling temperature (log-probs are read at the same temperature).")
+    top_p: float = option(1.0, "Nucleus sampling threshold.")
+    max_length: int = option(512, "Longest prompt + response in tokens.")
+    max_prompt_length: int = option(256, "Longest prompt in tokens (longer ones keep their end).")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algo in ("rloo", "grpo") and self.samples_per_prompt < 2:
+            raise UserError(f'algo "{self.algo}" needs samples_per_prompt of at least 2')
+        if not (self.reward_models or self.reward_model or self.reward_fn):
+            raise UserError('give reward_models (or reward_model) and/or reward_fn')
+        if self.rollout_batch_size * self.samples_per_prompt % self.num_minibatches:
+            raise UserError('"num_minibatches" must divide rollout_batch_size × samples_per_prompt')
+        if not self.temperature > 0:
+            raise UserError(f'field "temperature" must be positive, got {self.temperature}')
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Introspection, parsing and validation shared by every config class.
 

@@ -99,3 +99,12 @@ def heldout_accuracy_with_transformers(reward_model_dir: str | Path, rows: list[
                 right += s[i] > s[j]
                 total += 1
     return right / total
+
+
+def good_word_share(prompts: list[str], responses: list[str]) -> list[float]:
+    """A rule reward (`--reward-fn python:alignkit.examples:good_word_share`): the share of "good" words."""
+    out = []
+    for response in responses:
+        words = response.split()
+        out.append(sum(w in GOOD for w in words) / max(1, len(words)))
+    return out

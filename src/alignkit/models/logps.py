@@ -84,11 +84,13 @@ def _fast_path_ok(model, input_ids, attention_mask, position_ids) -> bool:
     return ok
 
 
-def target_logps(model, input_ids, attention_mask, position_ids, positions, targets) -> torch.Tensor:
+def target_logps(model, input_ids, attention_mask, position_ids, positions, targets, temperature: float = 1.0,
+                 entropy: list | None = None) -> torch.Tensor:
     """(M,) log p(targets[m]) from the logits at flat position `positions[m]` (= row · T + t).
 
-    log p = logit[target] − logsumexp(logits), in float32 at least (bf16 logits are upcast), without a
-    log-softmax over the whole (N, T, V) logits.
+    log p = logit[target] − logsumexp(logits), on logits / `temperature` (online RL samples at a temperature
+    and must score at the same one), in float32 at least (bf16 logits are upcast), without a log-softmax
+    over the whole (N, T, V) logits. Pass a list as `entropy` to receive the (M,) entropies as well.
     """
     base = _unwrap(model)
     kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
@@ -101,25 +103,49 @@ def target_logps(model, input_ids, attention_mask, position_ids, positions, targ
         full = model(**kwargs).logits
         logits = full.reshape(-1, full.shape[-1])[positions]                                     # (M, V)
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    if entropy is not None:
+        with torch.no_grad():
+            entropy.append(lse - (logits.softmax(-1) * logits).sum(-1))
     picked = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return picked - torch.logsumexp(logits, dim=-1)
+    return picked - lse
 
 
-def sequence_logps(model, batch: SequenceBatch) -> LogProbs:
+def sequence_logps(model, batch: SequenceBatch, temperature: float = 1.0, entropy: list | None = None) -> LogProbs:
     """Per-token log-probabilities of the target tokens of a padded batch under a causal LM.
 
     Padding and prompt positions give exactly 0. Left and right padding give the same numbers (position ids
-    count real tokens only).
+    count real tokens only). With `entropy` (a list), the per-token entropies (N, T-1) are appended to it.
     """
     n, t = batch.input_ids.shape
     mask = batch.loss_mask[:, 1:]                                    # (N, T-1): target t+1 predicted at t
     rows, cols = mask.nonzero(as_tuple=True)
     positions = rows * t + cols
     targets = batch.input_ids[:, 1:][rows, cols]
-    values = target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, positions, targets)
+    flat_entropy = [] if entropy is not None else None
+    values = target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, positions, targets,
+                          temperature, flat_entropy)
     token_logps = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
     token_logps = token_logps.index_put((rows, cols), values)
+    if entropy is not None:
+        entropy.append(torch.zeros(mask.shape, dtype=values.dtype, device=values.device).index_put(
+            (rows, cols), flat_entropy[0]))
     return LogProbs(token_logps, mask)
+
+
+def token_values(value_model, batch: SequenceBatch) -> torch.Tensor:
+    """(N, T-1) values V(s_t) of a value model (a sequence classifier with one output, read at every
+    position), aligned with `sequence_logps`: entry t is the value of the state that predicts token t+1;
+    0 where the next token is not a target."""
+    base = _unwrap(value_model)
+    mask = batch.loss_mask[:, 1:]
+    hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    values = base.score(hidden[:, :-1])[..., 0]                                        # (N, T-1)
+    values = values.to(torch.promote_types(values.dtype, torch.float32))
+    return torch.where(mask, values, torch.zeros_like(values))
 
 
 def packed_logps(model, batch: PackedBatch) -> SequenceLogps:

@@ -1,0 +1,300 @@
+"""`alignkit ppo`: online RLHF (step 3 of the notes) — PPO, RLOO or GRPO with a KL penalty.
+
+One iteration, CleanRL-style:
+  rollout  sample `samples_per_prompt` responses for `rollout_batch_size` prompts (KV cache, seeded)
+  score    reward models (one, or an ensemble: mean | min | uwo) + a rule reward, then the shaping options
+  measure  old log-probs (policy), reference log-probs (frozen start), values (ppo)
+  advantage  ppo: per-token rewards −β·KL_t + score at the end, GAE, whitened
+             rloo: leave-one-out on score − β·KL(sequence); grpo: group-normalised scores, KL in the loss
+  update   `ppo_epochs` × `num_minibatches`: clipped policy loss (+ clipped value loss, + β·KL for grpo)
+`max_steps` counts iterations. Everything random is seeded by (seed, iteration), so a resumed run repeats
+the same rollouts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import sys
+import time
+
+import torch
+
+from alignkit.data.collate import Tokenized, collate_sequences, to_device
+from alignkit.data.rows import plain_text
+from alignkit.data.tokenize import Encoder
+from alignkit.errors import UserError
+from alignkit.losses.rl import gae, kl_penalty
+from alignkit.models.load import (
+    apply_lora,
+    default_device,
+    load_causal_lm,
+    load_reward_model,
+    load_tokenizer,
+    quiet_transformers,
+    save_pretrained_atomic,
+    training_dtypes,
+)
+from alignkit.models.logps import reward_scores, sequence_logps, token_values
+from alignkit.rl.ops import masked_mean, masked_whiten
+from alignkit.rl.rollout import generate
+from alignkit.rl.shaping import (
+    AdaptiveKLController,
+    adjust_scores,
+    grpo_advantages,
+    rloo_advantages,
+    shape_rewards,
+)
+from alignkit.train.common import load_train_eval
+from alignkit.train.loop import (
+    DataOrder,
+    MetricsLog,
+    RunDir,
+    autocast_context,
+    build_optimizer,
+    build_scheduler,
+    seed_everything,
+)
+
+
+def load_reward_fn(spec: str):
+    """`python:module:function` (or `module:function`) → f(prompts, responses) -> list[float]."""
+    spec = spec[len("python:"):] if spec.startswith("python:") else spec
+    module, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise UserError(f'field "reward_fn": cannot load {spec!r} ({e})') from None
+
+
+class Scorer:
+    """Scores (prompt, response) texts with reward models and/or a rule; reports ensemble spread."""
+
+    def __init__(self, cfg):
+        paths = list(cfg.reward_models) + ([cfg.reward_model] if cfg.reward_model else [])
+        self.models = []
+        for path in paths:
+            tok = load_tokenizer(path, cfg.trust_remote_code)
+            model = load_reward_model(path, tok, cfg.dtype, cfg.trust_remote_code).eval().requires_grad_(False)
+            self.models.append((model, tok))
+        self.rule = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+        self.ensemble, self.uwo_lambda = cfg.ensemble, cfg.uwo_lambda
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        total = torch.zeros(len(prompts))
+        spread = None
+        if self.models:
+            per_model = []
+            for model, tok in self.models:
+                enc = Encoder(tok, 100_000, 50_000)
+                seqs = [enc.join(enc.prompt_ids(p), enc.response_ids(p, r)) for p, r in zip(prompts, responses)]
+                batch = to_device(collate_sequences(seqs, tok.pad_token_id), default_device())
+                per_model.append(reward_scores(model, batch).float().cpu())
+            scores = torch.stack(per_model)                                               # (M, N)
+            spread = scores.std(0) if len(per_model) > 1 else None
+            if self.ensemble == "min":
+                total += scores.min(0).values
+            elif self.ensemble == "uwo" and len(per_model) > 1:
+                total += scores.mean(0) - self.uwo_lambda * scores.var(0)
+            else:
+                total += scores.mean(0)
+        if self.rule is not None:
+            values = self.rule(prompts, responses)
+            if len(values) != len(prompts):
+                raise UserError(f"reward_fn returned {len(values)} scores for {len(prompts)} responses")
+            total += torch.tensor([float(v) for v in values])
+        return total, spread
+
+
+def distinct_2(responses: list[list[int]]) -> float:
+    bigrams = [tuple(r[i:i + 2]) for r in responses for i in range(len(r) - 1)]
+    return len(set(bigrams)) / max(1, len(bigrams))
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum()) / denom if denom > 0 else 0.0
+
+
+def sequences_of(prompt_ids: list[list[int]], responses: list[list[int]]) -> list[Tokenized]:
+    return [Tokenized(p + r, [False] * len(p) + [True] * len(r)) for p, r in zip(prompt_ids, responses)]
+
+
+def ppo_update(cfg, policy, value, optimizer, batch, old_logps, ref_logps, advantages, returns, old_values,
+               kl_coef, compute_dtype) -> dict:
+    """`ppo_epochs` × `num_minibatches` clipped updates on one rollout; returns averaged metrics."""
+    n = batch.input_ids.shape[0]
+    size = n // cfg.num_minibatches
+    stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": [], "grad_norm": []}
+    params = [p for p in list(policy.parameters()) + (list(value.parameters()) if value is not None else [])
+              if p.requires_grad]
+    g = torch.Generator().manual_seed(cfg.seed)
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=g) if cfg.num_minibatches > 1 else torch.arange(n)
+        for start in range(0, n, size):
+            idx = order[start:start + size]
+            mb = type(batch)(*(t[idx] for t in (batch.input_ids, batch.attention_mask, batch.loss_mask,
+                                                 batch.position_ids)))
+            entropy: list = []
+            with autocast_context(compute_dtype):
+                lp = sequence_logps(policy, mb, cfg.temperature, entropy)
+            mask = lp.mask
+            ratio = torch.exp(lp.token_logps - old_logps[idx])
+            mb_adv = advantages[idx]
+            pg = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
+            pg_loss = masked_mean(pg, mask)
+            loss = pg_loss
+            if cfg.algo == "grpo":  # KL to the reference in the loss (k3, as in DeepSeekMath)
+                loss = loss + kl_coef * masked_mean(kl_penalty(lp.token_logps, ref_logps[idx], "k3"), mask)
+            v_loss = torch.zeros(())
+            if value is not None:
+                with autocast_context(compute_dtype):
+                    v = token_values(value, mb)
+                v_clipped = old_values[idx] + (v - old_values[idx]).clamp(-cfg.value_clip_range, cfg.value_clip_range)
+                v_loss = 0.5 * masked_mean(torch.max((v - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2), mask)
+                loss = loss + cfg.vf_coef * v_loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+            if torch.isfinite(norm) and torch.isfinite(loss):
+                optimizer.step()
+            stats["policy_loss"].append(float(pg_loss))
+            stats["value_loss"].append(float(v_loss))
+            stats["clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), mask)))
+            stats["entropy"].append(float(masked_mean(entropy[0], mask)))
+            stats["grad_norm"].append(float(norm))
+    optimizer.zero_grad(set_to_none=True)
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+def train_ppo(cfg) -> dict:
+    quiet_transformers()
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    _, rows, _ = load_train_eval(cfg, "auto")
+    encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
+    prompts = [(row.prompt, encoder.prompt_ids(row.prompt, row.source)) for row in rows]
+    scorer = Scorer(cfg)
+    policy = apply_lora(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
+    reference = None if cfg.lora_r > 0 else load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code,
+                                                            for_training=False).eval().requires_grad_(False)
+    value = None
+    if cfg.algo == "ppo":
+        init = cfg.value_model or (list(cfg.reward_models) + [cfg.reward_model])[0] or cfg.model
+        value = load_reward_model(init or cfg.model, load_tokenizer(init or cfg.model), cfg.dtype, cfg.trust_remote_code)
+    modules = torch.nn.ModuleDict({"policy": policy, **({"value": value} if value is not None else {})})
+    _, compute_dtype = training_dtypes(cfg.dtype)
+    steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompts) / cfg.rollout_batch_size))
+    order = DataOrder(len(prompts), cfg.rollout_batch_size, cfg.seed)
+    optimizer = build_optimizer(modules, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)
+    controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else None
+    kl_coef = cfg.kl_coef
+
+    run = RunDir(cfg.output_dir)
+    resume = cfg.resume or "auto"
+    if resume == "auto" and run.done_marker.is_file():
+        print(f"{run.path}: this run is already complete (final/ exists); use --resume never to start over")
+        return {}
+    checkpoint = run.start(cfg, resume)
+    state = {"consecutive_bad": 0, "skipped_steps": 0, "kl_coef": kl_coef, "first_length": None}
+    start = 0
+    if checkpoint is not None:
+        state = RunDir.load_checkpoint(checkpoint, modules, optimizer, scheduler)
+        start = state.pop("step")
+        state.pop("rng", None)
+        kl_coef = state["kl_coef"]
+        if controller is not None:
+            controller.value = kl_coef
+    log = MetricsLog(run, cfg.report_to, start)
+    device = default_device()
+    last: dict = {}
+    started = time.perf_counter()
+    k = cfg.samples_per_prompt
+    for step in range(start + 1, steps + 1):
+        batch_prompts = [prompts[i] for i in order.batch(step - 1)]
+        texts = [p for p, _ in batch_prompts for _ in range(k)]
+        ids = [p for _, p in batch_prompts for _ in range(k)]
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        with autocast_context(compute_dtype):
+            rollout = generate(policy, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                               max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                               generator=generator)
+        responses = [r[m].tolist() for r, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
+        response_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
+        prompt_texts = [plain_text(t) if not isinstance(t, str) else t for t in texts]
+        raw_scores, spread = scorer(prompt_texts, response_texts)
+        lengths = torch.tensor([len(r) for r in responses])
+        scores = adjust_scores(raw_scores, rollout.finished.cpu(), lengths, missing_eos_penalty=cfg.missing_eos_penalty,
+                               length_penalty=cfg.length_penalty, reward_clip=cfg.reward_clip).to(device)
+        batch = to_device(collate_sequences(sequences_of(ids, responses), tokenizer.pad_token_id), device)
+        with torch.no_grad(), autocast_context(compute_dtype):
+            policy.eval()
+            old = sequence_logps(policy, batch, cfg.temperature)
+            if reference is not None:
+                ref = sequence_logps(reference, batch, cfg.temperature)
+            else:
+                with policy.disable_adapter():
+                    ref = sequence_logps(policy, batch, cfg.temperature)
+            old_values = token_values(value, batch) if value is not None else None
+            policy.train()
+        mask = old.mask
+        old_logps, ref_logps = old.token_logps.float(), ref.token_logps.float()
+        token_kl = torch.where(mask, kl_penalty(old_logps, ref_logps, cfg.kl_estimator), 0.0)
+        seq_kl = torch.where(mask, old_logps - ref_logps, 0.0).sum(-1)                  # (N,) k1 sequence KL
+        if cfg.algo == "ppo":
+            rewards, _ = shape_rewards(scores, old_logps, ref_logps, mask, kl_coef, cfg.kl_estimator)
+            if cfg.whiten_rewards:
+                rewards = masked_whiten(rewards, mask, shift_mean=False)
+            advantages, returns = gae(rewards, old_values.float(), mask, cfg.gamma, cfg.gae_lambda)
+            advantages = masked_whiten(advantages, mask)
+        else:
+            if cfg.algo == "rloo":
+                seq_adv = rloo_advantages(scores - kl_coef * token_kl.sum(-1), k)
+            else:
+                seq_adv = grpo_advantages(scores, k)
+            advantages = torch.where(mask, seq_adv.unsqueeze(1).expand_as(mask), 0.0)
+            returns = None
+        stats = ppo_update(cfg, policy, value, optimizer, batch, old_logps, ref_logps, advantages.detach(),
+                           returns, old_values, kl_coef, compute_dtype)
+        scheduler.step()
+        mean_kl = float(seq_kl.mean())
+        if controller is not None:
+            kl_coef = controller.update(mean_kl, len(responses))
+        state["kl_coef"] = kl_coef
+        mean_len = float(lengths.float().mean())
+        if state["first_length"] is None:
+            state["first_length"] = max(mean_len, 1e-6)
+        last = {**stats, "reward/score": float(raw_scores.mean()), "reward/shaped": float(scores.mean()),
+                "kl": mean_kl, "kl_coef": kl_coef, "response_length": mean_len,
+                "lr": scheduler.get_last_lr()[0],
+                "hacking/length_ratio": mean_len / state["first_length"],
+                "hacking/reward_length_corr": pearson(raw_scores, lengths.float()),
+                "hacking/distinct_2": distinct_2(responses),
+                "eos_rate": float(rollout.finished.float().mean()), "elapsed_s": time.perf_counter() - started}
+        if spread is not None:
+            last["hacking/ensemble_std"] = float(spread.mean())
+        if step % cfg.log_every == 0 or step == steps:
+            log.log(step, last)
+        if step % max(1, cfg.eval_every or 10**9) == 0:
+            samples = [{"prompt": p, "response": r, "score": float(s)}
+                       for p, r, s in list(zip(prompt_texts, response_texts, raw_scores))[:8]]
+            import json
+
+            with open(run.path / "samples.jsonl", "a") as f:
+                f.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+            run.save_checkpoint(step, modules, optimizer, scheduler, state, cfg.keep_checkpoints)
+        print(f"iteration {step}/{steps}: score {last['reward/score']:.3f} kl {mean_kl:.3f}", file=sys.stderr)
+    log.close()
+    save_pretrained_atomic(policy, tokenizer, run.final, cfg.lora_save)
+    import json
+    import os
+
+    tmp = run.done_marker.with_name(run.done_marker.name + ".tmp")
+    tmp.write_text(json.dumps({"step": steps, "metrics": last}))
+    os.replace(tmp, run.done_marker)
+    print(f"alignkit ppo ({cfg.algo}): done, {steps} iterations; final model in {run.final}")
+    return last

@@ -1,0 +1,77 @@
+"""Online RLHF: each algorithm raises a rule reward within 40 iterations of 16 rollouts × 12 tokens, the
+adaptive KL controller moves β towards its target, monitors are logged, and a crashed run resumes exactly."""
+
+import json
+import random
+
+import pytest
+import torch
+
+from alignkit.config import PPOConfig
+from alignkit.examples import ANIMALS, COLORS, write_jsonl
+from alignkit.train.ppo import train_ppo
+
+RULE = "python:alignkit.examples:good_word_share"
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    rng = random.Random(0)
+    rows = [{"prompt": f"describe the {rng.choice(COLORS)} {rng.choice(ANIMALS)} ->"} for _ in range(200)]
+    return str(write_jsonl(tmp_path_factory.mktemp("ppo") / "prompts.jsonl", rows))
+
+
+def _cfg(model, data, out, **kw):
+    args = dict(model=model, data=(data,), output_dir=str(out), reward_fn=RULE, max_steps=40, rollout_batch_size=4,
+                samples_per_prompt=4, max_new_tokens=12, lr=1e-3, kl_coef=0.01)
+    args.update(kw)
+    return PPOConfig(**args)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("algo", ["ppo", "rloo", "grpo"])
+def test_each_algorithm_raises_the_rule_reward(tmp_path, tiny_model_dir, prompts_file, algo):
+    out = tmp_path / algo
+    train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo=algo))
+    m = _metrics(out)
+    first, final = sum(x["reward/score"] for x in m[:5]) / 5, sum(x["reward/score"] for x in m[-5:]) / 5
+    assert final - first >= 0.08, (first, final)
+    for key in ("kl", "kl_coef", "response_length", "entropy", "clipfrac", "policy_loss", "value_loss",
+                "hacking/length_ratio", "hacking/reward_length_corr", "hacking/distinct_2"):
+        assert all(key in x and x[key] == x[key] for x in m), key  # logged and finite
+    assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_kl_target_moves_the_coefficient_towards_it(tmp_path, tiny_model_dir, prompts_file):
+    out = tmp_path / "adaptive"
+    train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo="rloo", max_steps=12, kl_target=0.05, kl_horizon=200))
+    m = _metrics(out)
+    assert m[-1]["kl"] > 0.05 and m[-1]["kl_coef"] > 0.01  # KL above target → β grows
+
+
+def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, prompts_file, monkeypatch):
+    from safetensors.torch import load_file
+
+    from alignkit.train import ppo
+
+    cfg = lambda out: _cfg(tiny_model_dir, prompts_file, out, algo="ppo", max_steps=6, save_every=2)  # noqa: E731
+    train_ppo(cfg(tmp_path / "straight"))
+    real, calls = ppo.ppo_update, {"n": 0}
+
+    def crashing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise RuntimeError("crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "ppo_update", crashing)
+    with pytest.raises(RuntimeError):
+        train_ppo(cfg(tmp_path / "resumed"))
+    monkeypatch.setattr(ppo, "ppo_update", real)
+    train_ppo(cfg(tmp_path / "resumed"))
+    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
+    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
