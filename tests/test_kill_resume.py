@@ -15,10 +15,14 @@ from alignkit.examples import pairwise_rows, sft_rows, write_jsonl
 
 
 def _command(command, model, data, out):
-    return [sys.executable, "-m", "alignkit", command, "--model", model, "--data", str(data), "--output-dir",
-            str(out), "--max-steps", "60", "--batch-size", "8", "--grad-accum", "2", "--lr", "2e-3",
-            "--lr-schedule", "cosine", "--warmup-steps", "5", "--save-every", "3", "--eval-fraction", "0.1",
-            "--eval-every", "10", "--seed", "7", "--max-length", "64", "--max-prompt-length", "32"]
+    common = [sys.executable, "-m", "alignkit", command, "--model", model, "--data", str(data), "--output-dir",
+              str(out), "--lr", "2e-3", "--lr-schedule", "cosine", "--warmup-steps", "5", "--save-every", "3",
+              "--seed", "7", "--max-length", "64", "--max-prompt-length", "32"]
+    if command == "ppo":
+        return common + ["--max-steps", "24", "--reward-fn", "python:alignkit.examples:good_word_share",
+                         "--rollout-batch-size", "4", "--samples-per-prompt", "2", "--max-new-tokens", "8"]
+    return common + ["--max-steps", "60", "--batch-size", "8", "--grad-accum", "2", "--eval-fraction", "0.1",
+                     "--eval-every", "10"]
 
 
 def _env():
@@ -26,7 +30,7 @@ def _env():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["sft", "dpo", "kto"])
+@pytest.mark.parametrize("command", ["sft", "dpo", "kto", "ppo"])
 def test_kill_9_then_rerun_gives_identical_final_weights(tmp_path, command):
     from safetensors.torch import load_file
 
@@ -34,6 +38,8 @@ def test_kill_9_then_rerun_gives_identical_final_weights(tmp_path, command):
 
     model = str(make_tiny_model(tmp_path / "model", attention_dropout=0.1))
     rows = sft_rows(200, seed=2) if command == "sft" else pairwise_rows(200, seed=2)
+    if command == "ppo":
+        rows = [{"prompt": r["prompt"]} for r in rows]
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     subprocess.run(_command(command, model, data, straight), check=True, env=_env(), capture_output=True)
@@ -45,7 +51,7 @@ def test_kill_9_then_rerun_gives_identical_final_weights(tmp_path, command):
     for attempt in range(3):  # kill up to twice, at random moments after some checkpoint exists
         proc = subprocess.Popen(_command(command, model, data, killed), env=_env(), stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
-        target = rng.randint(1, 12)  # wait for checkpoint step-3·target (or the end), then a random extra delay
+        target = rng.randint(1, 12 if command != "ppo" else 6)  # wait for checkpoint step-3·target, then a bit
         deadline = time.time() + 120
         while proc.poll() is None and time.time() < deadline:
             steps = [int(p.name[5:]) for p in (killed / "checkpoints").glob("step-*")] if (killed / "checkpoints").exists() else []

@@ -39,10 +39,31 @@ def test_each_algorithm_raises_the_rule_reward(tmp_path, tiny_model_dir, prompts
     m = _metrics(out)
     first, final = sum(x["reward/score"] for x in m[:5]) / 5, sum(x["reward/score"] for x in m[-5:]) / 5
     assert final - first >= 0.08, (first, final)
+    assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference policy
     for key in ("kl", "kl_coef", "response_length", "entropy", "clipfrac", "policy_loss", "value_loss",
                 "hacking/length_ratio", "hacking/reward_length_corr", "hacking/distinct_2"):
         assert all(key in x and x[key] == x[key] for x in m), key  # logged and finite
     assert (out / "final" / "model.safetensors").is_file()
+
+
+def test_reward_model_ensemble_and_gold(tmp_path, tiny_model_dir, prompts_file):
+    """Two reward models (uwo) plus a gold function: ensemble spread and gold are logged every iteration."""
+    from alignkit.config import RewardConfig
+    from alignkit.examples import pairwise_rows
+    from alignkit.train.reward import train_reward
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairwise_rows(64, seed=3))
+    rms = []
+    for seed in (0, 1):
+        out = tmp_path / f"rm{seed}"
+        train_reward(RewardConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=4,
+                                  batch_size=8, lr=1e-3, seed=seed))
+        rms.append(str(out / "final"))
+    out = tmp_path / "run"
+    train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo="rloo", max_steps=3, reward_fn="", reward_models=tuple(rms),
+                   ensemble="uwo", gold_fn=RULE))
+    m = _metrics(out)
+    assert all(x["hacking/ensemble_std"] > 0 and 0 <= x["reward/gold"] <= 1 for x in m)
 
 
 def test_kl_target_moves_the_coefficient_towards_it(tmp_path, tiny_model_dir, prompts_file):

@@ -172,6 +172,7 @@ class PPOConfig(TrainConfig):
     reward_models: tuple[str, ...] = option((), "Reward model folder(s); several form an ensemble.")
     reward_model: str = option("", "One reward model folder (same as reward_models with one entry).")
     reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; added to the reward models.")
+    gold_fn: str = option("", "A gold reward python:module:function, logged as reward/gold and never trained on (the lab uses it).")
     ensemble: str = option("mean", "How several reward models combine.", ("mean", "min", "uwo"))
     uwo_lambda: float = option(1.0, "λ in uwo = mean − λ·variance across the ensemble.")
     value_model: str = option("", "Value model initialisation: a folder; empty = the first reward model, else the policy.")

@@ -177,6 +177,7 @@ def train_ppo(cfg) -> dict:
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     prompts = [(row.prompt, encoder.prompt_ids(row.prompt, row.source)) for row in rows]
     scorer = Scorer(cfg)
+    gold = load_reward_fn(cfg.gold_fn) if cfg.gold_fn else None
     policy = apply_lora(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
     reference = None if cfg.lora_r > 0 else load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code,
                                                             for_training=False).eval().requires_grad_(False)
@@ -276,6 +277,8 @@ def train_ppo(cfg) -> dict:
                 "eos_rate": float(rollout.finished.float().mean()), "elapsed_s": time.perf_counter() - started}
         if spread is not None:
             last["hacking/ensemble_std"] = float(spread.mean())
+        if gold is not None:
+            last["reward/gold"] = sum(float(v) for v in gold(prompt_texts, response_texts)) / len(responses)
         if step % cfg.log_every == 0 or step == steps:
             log.log(step, last)
         if step % max(1, cfg.eval_every or 10**9) == 0:
