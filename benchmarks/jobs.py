@@ -85,7 +85,62 @@ def trl_reward(world, steps, data, out, checkpointing=True):
     return next(h["loss"] for h in trainer.state.log_history if "loss" in h), result.metrics["train_runtime"]
 
 
+PROMPTS, SAMPLES, NEW_TOKENS, KL = 4, 4, 16, 0.05
+
+
+def even_word_share(prompts, completions, **_):
+    """The rule reward of the online benchmark: the share of words w<n> with even n."""
+    out = []
+    for c in completions:
+        words = c.split() if isinstance(c, str) else []
+        out.append(sum(w[1:].isdigit() and int(w[1:]) % 2 == 0 for w in words) / max(1, len(words)))
+    return out
+
+
+def alignkit_online(world, steps, data, out, algo="grpo"):
+    from alignkit.config import PPOConfig
+    from alignkit.train.ppo import train_ppo
+
+    train_ppo(PPOConfig(model=world["policy"], data=(data,), output_dir=out, algo=algo, max_steps=steps,
+                        reward_fn="python:jobs:even_word_share", rollout_batch_size=PROMPTS,
+                        samples_per_prompt=SAMPLES, max_new_tokens=NEW_TOKENS, lr=LR, kl_coef=KL, seed=SEED,
+                        resume="never", max_length=512, max_prompt_length=256))
+    with open(os.path.join(out, "final", "alignkit_run.json")) as f:
+        return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds_online(out)
+
+
+def _loop_seconds_online(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f][-1]["elapsed_s"]
+
+
+def trl_online(world, steps, data, out, algo="grpo"):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["policy"])
+    model = AutoModelForCausalLM.from_pretrained(world["policy"])
+    dataset = load_dataset("json", data_files=data, split="train").select_columns(["prompt"])
+    common = dict(_trl_common(out, steps), per_device_train_batch_size=PROMPTS * SAMPLES,
+                  num_generations=SAMPLES, max_completion_length=NEW_TOKENS, beta=KL, temperature=1.0)
+    if algo == "grpo":
+        from trl import GRPOConfig as Config
+        from trl import GRPOTrainer as Trainer
+    else:
+        from trl import RLOOConfig as Config
+        from trl import RLOOTrainer as Trainer
+    args = Config(**common)
+    trainer = Trainer(model=model, reward_funcs=[even_word_share], args=args, train_dataset=dataset,
+                      processing_class=tokenizer)
+    result = trainer.train()
+    return float("nan"), result.metrics["train_runtime"]
+
+
 JOBS = {
+    "alignkit-grpo": lambda *a: alignkit_online(*a, algo="grpo"),
+    "trl-grpo": lambda *a: trl_online(*a, algo="grpo"),
+    "alignkit-rloo": lambda *a: alignkit_online(*a, algo="rloo"),
+    "trl-rloo": lambda *a: trl_online(*a, algo="rloo"),
     "alignkit-dpo": alignkit_dpo,
     "trl-dpo": trl_dpo,
     "trl-dpo-precompute": lambda *a: trl_dpo(*a, precompute=True),
@@ -111,7 +166,7 @@ def main():
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"job": job, "seconds": seconds, "loop_seconds": loop_seconds, "peak_rss_mb": peak_mb,
-                      "first_loss": first_loss, "pairs_per_s": int(steps) * BATCH / loop_seconds}))
+                      "first_loss": first_loss}))
 
 
 if __name__ == "__main__":

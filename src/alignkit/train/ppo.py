@@ -35,7 +35,7 @@ from alignkit.models.load import (
     save_pretrained_atomic,
     training_dtypes,
 )
-from alignkit.models.logps import reward_scores, sequence_logps, token_values
+from alignkit.models.logps import LogProbs, reward_scores, sequence_logps, token_values
 from alignkit.rl.ops import masked_mean, masked_whiten
 from alignkit.rl.rollout import generate
 from alignkit.rl.shaping import (
@@ -116,6 +116,15 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
     return float((x * y).sum()) / denom if denom > 0 else 0.0
+
+
+def _scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Place each row's leading values (B, R) at the True positions of `mask` (B, T), in order."""
+    out = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
+    counts = mask.sum(-1)
+    for i in range(mask.shape[0]):
+        out[i, mask[i]] = values[i, :int(counts[i])].to(mask.device)
+    return out
 
 
 def sequences_of(prompt_ids: list[list[int]], responses: list[list[int]]) -> list[Tokenized]:
@@ -233,7 +242,13 @@ def train_ppo(cfg) -> dict:
         batch = to_device(collate_sequences(sequences_of(ids, responses), tokenizer.pad_token_id), device)
         with torch.no_grad(), autocast_context(compute_dtype):
             policy.eval()
-            old = sequence_logps(policy, batch, cfg.temperature)
+            if cfg.ppo_epochs == 1 and cfg.num_minibatches == 1:
+                # one update on the rollout: the old log-probs are the current ones (ratio 1 at the update),
+                # read from the sampler instead of another forward (same temperature, same numbers)
+                mask = batch.loss_mask[:, 1:]
+                old = LogProbs(_scatter_rows(rollout.logps.float(), mask), mask)
+            else:
+                old = sequence_logps(policy, batch, cfg.temperature)
             if reference is not None:
                 ref = sequence_logps(reference, batch, cfg.temperature)
             else:
