@@ -169,8 +169,8 @@ def ppo_update(cfg, policy, value, optimizer, batch, old_logps, ref_logps, advan
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if torch.isfinite(norm) and torch.isfinite(loss):
                 optimizer.step()
-            stats["policy_loss"].append(float(pg_loss))
-            stats["value_loss"].append(float(v_loss))
+            stats["policy_loss"].append(float(pg_loss.detach()))
+            stats["value_loss"].append(float(v_loss.detach()))
             stats["clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), mask)))
             stats["entropy"].append(float(masked_mean(entropy[0], mask)))
             stats["grad_norm"].append(float(norm))
