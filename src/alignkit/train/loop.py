@@ -244,6 +244,19 @@ class RunDir:
         self.final = self.path / "final"
         self.done_marker = self.path / "final" / "alignkit_run.json"
 
+    def completed(self) -> dict | None:
+        """The last metrics of a finished run in this folder (final/ and its marker exist), else None."""
+        if not self.done_marker.is_file():
+            return None
+        print(f"{self.path}: this run is already complete (final/ exists); use --resume never to start over")
+        return json.loads(self.done_marker.read_text()).get("metrics", {})
+
+    def mark_done(self, **record) -> None:
+        """Write final/'s marker atomically, after final/ itself: a run without it is resumed, not skipped."""
+        tmp = self.done_marker.with_name(self.done_marker.name + ".tmp")
+        tmp.write_text(json.dumps(record))
+        os.replace(tmp, self.done_marker)
+
     def checkpoint_steps(self) -> list[int]:
         if not self.checkpoints.is_dir():
             return []
@@ -395,9 +408,8 @@ def fit(cfg, task: Task) -> dict:
         torch.set_num_threads(cfg.num_threads)
     run = RunDir(cfg.output_dir)
     resume = cfg.resume or "auto"
-    if resume == "auto" and run.done_marker.is_file():
-        print(f"{run.path}: this run is already complete (final/ exists); use --resume never to start over")
-        return json.loads(run.done_marker.read_text()).get("metrics", {})
+    if resume == "auto" and (done := run.completed()) is not None:
+        return done
     if not task.train_examples:
         raise UserError("no training examples are left (all rows were held out or dropped)")
     model = task.model
@@ -495,9 +507,6 @@ def fit(cfg, task: Task) -> dict:
     log.close()
     loop_seconds = time.perf_counter() - loop_start
     task.save_final(run.final)
-    tmp = run.done_marker.with_name(run.done_marker.name + ".tmp")
-    tmp.write_text(json.dumps({"step": steps, "metrics": last, "loop_seconds": loop_seconds,
-                               "steps_this_process": steps - start}))
-    os.replace(tmp, run.done_marker)
+    run.mark_done(step=steps, metrics=last, loop_seconds=loop_seconds, steps_this_process=steps - start)
     print(f"alignkit {task.name}: done, {steps} steps; final model in {run.final}")
     return last

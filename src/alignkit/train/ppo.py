@@ -14,6 +14,7 @@ the same rollouts.
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import sys
 import time
@@ -76,7 +77,7 @@ class Scorer:
         for path in paths:
             tok = load_tokenizer(path, cfg.trust_remote_code)
             model = load_reward_model(path, tok, cfg.dtype, cfg.trust_remote_code).eval().requires_grad_(False)
-            self.models.append((model, tok))
+            self.models.append((model, tok, Encoder(tok, 100_000, 50_000)))
         self.rule = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
         self.ensemble, self.uwo_lambda = cfg.ensemble, cfg.uwo_lambda
 
@@ -86,8 +87,7 @@ class Scorer:
         spread = None
         if self.models:
             per_model = []
-            for model, tok in self.models:
-                enc = Encoder(tok, 100_000, 50_000)
+            for model, tok, enc in self.models:
                 seqs = [enc.join(enc.prompt_ids(p), enc.response_ids(p, r)) for p, r in zip(prompts, responses)]
                 batch = to_device(collate_sequences(seqs, tok.pad_token_id), default_device())
                 per_model.append(reward_scores(model, batch).float().cpu())
@@ -116,15 +116,6 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
     denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
     return float((x * y).sum()) / denom if denom > 0 else 0.0
-
-
-def _scatter_rows(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Place each row's leading values (B, R) at the True positions of `mask` (B, T), in order."""
-    out = torch.zeros(mask.shape, dtype=values.dtype, device=mask.device)
-    counts = mask.sum(-1)
-    for i in range(mask.shape[0]):
-        out[i, mask[i]] = values[i, :int(counts[i])].to(mask.device)
-    return out
 
 
 def sequences_of(prompt_ids: list[list[int]], responses: list[list[int]]) -> list[Tokenized]:
@@ -205,9 +196,8 @@ def train_ppo(cfg) -> dict:
 
     run = RunDir(cfg.output_dir)
     resume = cfg.resume or "auto"
-    if resume == "auto" and run.done_marker.is_file():
-        print(f"{run.path}: this run is already complete (final/ exists); use --resume never to start over")
-        return {}
+    if resume == "auto" and (done := run.completed()) is not None:
+        return done
     checkpoint = run.start(cfg, resume)
     state = {"consecutive_bad": 0, "skipped_steps": 0, "kl_coef": kl_coef, "first_length": None}
     start = 0
@@ -246,7 +236,9 @@ def train_ppo(cfg) -> dict:
                 # one update on the rollout: the old log-probs are the current ones (ratio 1 at the update),
                 # read from the sampler instead of another forward (same temperature, same numbers)
                 mask = batch.loss_mask[:, 1:]
-                old = LogProbs(_scatter_rows(rollout.logps.float(), mask), mask)
+                token_logps = torch.zeros(mask.shape, device=mask.device)
+                token_logps[mask] = rollout.logps.float()[rollout.response_mask].to(mask.device)  # row-major order
+                old = LogProbs(token_logps, mask)
             else:
                 old = sequence_logps(policy, batch, cfg.temperature)
             if reference is not None:
@@ -299,8 +291,6 @@ def train_ppo(cfg) -> dict:
         if step % max(1, cfg.eval_every or 10**9) == 0:
             samples = [{"prompt": p, "response": r, "score": float(s)}
                        for p, r, s in list(zip(prompt_texts, response_texts, raw_scores))[:8]]
-            import json
-
             with open(run.path / "samples.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "samples": samples}) + "\n")
         if cfg.save_every and step % cfg.save_every == 0 and step < steps:
@@ -308,11 +298,6 @@ def train_ppo(cfg) -> dict:
         print(f"iteration {step}/{steps}: score {last['reward/score']:.3f} kl {mean_kl:.3f}", file=sys.stderr)
     log.close()
     save_pretrained_atomic(policy, tokenizer, run.final, cfg.lora_save)
-    import json
-    import os
-
-    tmp = run.done_marker.with_name(run.done_marker.name + ".tmp")
-    tmp.write_text(json.dumps({"step": steps, "metrics": last}))
-    os.replace(tmp, run.done_marker)
+    run.mark_done(step=steps, metrics=last, loop_seconds=time.perf_counter() - started)
     print(f"alignkit ppo ({cfg.algo}): done, {steps} iterations; final model in {run.final}")
     return last

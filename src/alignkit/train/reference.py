@@ -55,8 +55,9 @@ class Reference:
         return SequenceLogps(out.logps.detach(), out.lengths)
 
     def free(self) -> None:
-        """Drop a separate reference model once its log-probs are all precomputed."""
-        self.model = None if self.policy is None else self.model
+        """Drop a separate reference model once its log-probs are all precomputed (a LoRA reference is the
+        policy itself: nothing to drop)."""
+        self.model = None
 
 
 def build_reference(cfg, policy) -> Reference | None:
