@@ -96,3 +96,43 @@ def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, prom
     a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
     b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_packed_rollout_log_probs_and_values_equal_padded_ones(tiny_model_dir, tokenizer, share):
+    """Prefix-shared rows ([prompt | sample 1 | … | sample K], 4D mask) give each sampled token the log-prob
+    and value a plain padded forward of its own sequence gives, in the row-major order of the response mask."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.data.collate import Tokenized, collate_sequences
+    from alignkit.models.load import load_reward_model
+    from alignkit.models.logps import packed_target_logps, packed_token_values, sequence_logps, token_values
+    from alignkit.train.ppo import RolloutPacker, scatter_tokens
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    value = load_reward_model(tiny_model_dir, tokenizer).double().eval()
+    torch.nn.init.normal_(value.score.weight, std=0.5)
+    prompts = [[1, 30, 31, 32, 7]] * 3 + [[1, 12]] * 3
+    rng = random.Random(0)
+    responses = [[rng.randrange(5, 60) for _ in range(rng.randint(1, 6))] for _ in prompts]
+    mask = torch.zeros((len(prompts), 6), dtype=torch.bool)
+    for i, r in enumerate(responses):
+        mask[i, :len(r)] = True
+    pack = RolloutPacker(prompts, responses, [i // 3 for i in range(6)], tokenizer.pad_token_id, share)
+    for indices in ([0, 1, 2, 3, 4, 5], [1, 2, 4]):
+        batch = pack(indices)
+        assert batch.size == (2 if share else len(indices))
+        sub = mask[indices]
+        with torch.no_grad():
+            got = scatter_tokens(packed_target_logps(policy, batch, 0.8), sub)
+            got_v = scatter_tokens(packed_token_values(value, batch), sub)
+            padded = collate_sequences([Tokenized(prompts[i] + responses[i], [False] * len(prompts[i]) +
+                                                  [True] * len(responses[i])) for i in indices],
+                                       tokenizer.pad_token_id)
+            want = sequence_logps(policy, padded, 0.8)
+            want_v = token_values(value, padded)
+        for row, i in enumerate(indices):
+            n, p = len(responses[i]), len(prompts[i])
+            torch.testing.assert_close(got[row, :n].double(), want.token_logps[row, p - 1:p - 1 + n], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got_v[row, :n].double(), want_v[row, p - 1:p - 1 + n], rtol=0, atol=1e-6)
+            assert float(got[row, n:].abs().sum()) == 0.0

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from alignkit.rl.rollout import generate, top_p_filter
+from alignkit.rl.rollout import generate, sample, top_p_filter
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,31 @@ def test_eos_ends_a_row_and_seeds_reproduce(model64, tokenizer):
         else:
             assert n == r.response_ids.shape[1]
     assert 0 < int(r.finished.sum()) < len(r.finished)
+
+
+def test_repeated_prompts_are_encoded_once_and_score_like_a_full_forward(model64, tokenizer):
+    """The K samples of a prompt share one prompt pass (its KV cache copied row-wise): each row's sampled
+    log-probs still equal a full forward of that row alone, and rows of one prompt differ."""
+    prompts = [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3 + [PROMPTS[2]]
+    r = generate(model64, prompts, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                 max_new_tokens=6, temperature=1.3, generator=torch.Generator().manual_seed(1))
+    assert r.prompt_ids.shape[0] == len(prompts)
+    for i, prompt in enumerate(prompts):
+        n = int(r.response_mask[i].sum())
+        ids = torch.tensor([prompt + r.response_ids[i, :n].tolist()])
+        with torch.no_grad():
+            logits = model64(input_ids=ids).logits[0].double() / 1.3
+        oracle = [float(logits[len(prompt) - 1 + k].log_softmax(-1)[ids[0, len(prompt) + k]]) for k in range(n)]
+        torch.testing.assert_close(r.logps[i, :n], torch.tensor(oracle, dtype=r.logps.dtype), rtol=0, atol=1e-6)
+    assert len({tuple(row.tolist()) for row in r.response_ids[:3]}) > 1
+
+
+def test_sampler_draws_from_the_distribution():
+    """Inverse-CDF sampling: frequencies match p within 5 standard errors; a token of p = 0 is never drawn."""
+    p = torch.tensor([0.5, 0.0, 0.3, 0.15, 0.05, 0.0])
+    g = torch.Generator().manual_seed(0)
+    draws = torch.cat([sample(p.expand(1000, -1), g) for _ in range(20)])
+    freq = torch.bincount(draws, minlength=6).double() / len(draws)
+    se = (p.double() * (1 - p.double()) / len(draws)).sqrt()
+    assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), freq
+    assert freq[1] == 0 and freq[5] == 0

@@ -194,6 +194,7 @@ class PPOConfig(TrainConfig):
     rollout_batch_size: int = option(16, "Prompts per iteration.")
     samples_per_prompt: int = option(1, "Completions per prompt (the group for rloo/grpo; at least 2 there).")
     max_new_tokens: int = option(32, "Longest response to sample.")
+    prefix_sharing: bool = option(True, "One forward per prompt for its samples: [prompt | response 1 | … | response K] with a 4D mask.")
     temperature: float = option(1.0, "Sampling temperature (log-probs are read at the same temperature).")
     top_p: float = option(1.0, "Nucleus sampling threshold.")
     max_length: int = option(512, "Longest prompt + response in tokens.")

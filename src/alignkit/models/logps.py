@@ -148,10 +148,25 @@ def token_values(value_model, batch: SequenceBatch) -> torch.Tensor:
     return torch.where(mask, values, torch.zeros_like(values))
 
 
+def packed_token_values(value_model, batch: PackedBatch) -> torch.Tensor:
+    """(M,) values V(s) of the states that predict each target token of a prefix-shared batch, in the
+    order of `batch.positions` (the same states `token_values` reads in a padded batch)."""
+    base = _unwrap(value_model)
+    hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    values = base.score(hidden.reshape(-1, hidden.shape[-1])[batch.positions])[:, 0]
+    return values.to(torch.promote_types(values.dtype, torch.float32))
+
+
+def packed_target_logps(model, batch: PackedBatch, temperature: float = 1.0, entropy: list | None = None):
+    """(M,) log-probs of every target token of a prefix-shared batch, in the order of `batch.positions`."""
+    return target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.positions,
+                        batch.targets, temperature, entropy)
+
+
 def packed_logps(model, batch: PackedBatch) -> SequenceLogps:
     """(S,) summed log-probs of every response of a prefix-shared batch (pairs: chosen first, then rejected)."""
-    values = target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.positions,
-                          batch.targets)
+    values = packed_target_logps(model, batch)
     n = batch.num_sequences
     logps = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, batch.owner, values)
     lengths = torch.bincount(batch.owner, minlength=n)

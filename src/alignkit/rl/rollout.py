@@ -57,9 +57,40 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
 
 
-def _cache_kwarg(model) -> str:
+def _forward_kwargs(model) -> tuple[str, bool]:
     params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
+    return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(B,) one token per row drawn from `probs` (B, V) by inverting the cumulative distribution.
+
+    One uniform number per row (where `torch.multinomial` and the Gumbel trick draw one per vocabulary entry,
+    most of a small model's sampling time on CPU); float64 sums, and a token of probability 0 can never be
+    drawn (its interval is empty).
+    """
+    cdf = probs.double().cumsum(-1)
+    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator,
+                   device=generator.device if generator is not None else probs.device).to(probs.device)
+    token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
+    return token.clamp(max=probs.shape[-1] - 1)
+
+
+def unique_prompts(prompts: list[list[int]]) -> tuple[list[list[int]], list[int]]:
+    """The distinct prompts (first-seen order) and, for each prompt, the index of its distinct copy."""
+    seen: dict[tuple, int] = {}
+    index = [seen.setdefault(tuple(p), len(seen)) for p in prompts]
+    return [list(p) for p in seen], index
+
+
+def _prefill(model, prompts: list[list[int]], pad_id: int, device, has_keep: bool):
+    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    attention = prompt_mask.long()
+    positions = (attention.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True,
+                **({"logits_to_keep": 1} if has_keep else {}))
+    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+    return prompt_ids, prompt_mask, attention, positions, cache, out.logits[:, -1]
 
 
 @torch.no_grad()
@@ -69,18 +100,25 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
 
     Returns the tokens and log softmax(logits / temperature)[token] for each — the log-prob the policy gave
     the token when it was sampled (top-p only restricts which tokens can be drawn, as in TRL and vLLM).
+    A prompt repeated in the batch (the K samples of RLOO/GRPO) is encoded once and its KV cache copied to
+    every row that samples from it; the prompt pass computes the logits of the last position only.
     """
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    prompt_ids, prompt_mask = left_pad(prompts, pad_id, device)
+    cache_kw, has_keep = _forward_kwargs(model)
+    distinct, index = unique_prompts(prompts)
+    prompt_ids, prompt_mask, attention, positions, cache, logits = _prefill(model, distinct, pad_id, device, has_keep)
+    if len(distinct) < len(prompts):
+        if hasattr(cache, "reorder_cache"):
+            rows = torch.tensor(index, device=device)
+            cache.reorder_cache(rows)  # index_select on the batch dimension of every layer
+            prompt_ids, prompt_mask, attention, positions, logits = (
+                t.index_select(0, rows) for t in (prompt_ids, prompt_mask, attention, positions, logits))
+        else:  # a cache that cannot be copied row-wise: encode every row
+            prompt_ids, prompt_mask, attention, positions, cache, logits = _prefill(model, prompts, pad_id, device,
+                                                                                    has_keep)
     batch = prompt_ids.shape[0]
-    attention = prompt_mask.long()
-    positions = (attention.cumsum(-1) - 1).clamp(min=0)
-    cache_kw = _cache_kwarg(model)
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True)
-    cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-    logits = out.logits[:, -1]
     next_position = positions[:, -1] + 1
     tokens, logps = [], []
     alive = torch.ones(batch, dtype=torch.bool, device=device)
@@ -88,13 +126,11 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     for _ in range(max_new_tokens):
         scaled = logits.float() / max(temperature, 1e-6)
         logp_all = scaled.log_softmax(-1)
-        probs = top_p_filter(scaled, top_p).softmax(-1)
-        token = torch.multinomial(probs.cpu() if generator is not None and generator.device.type == "cpu"
-                                  else probs, 1, generator=generator).squeeze(-1).to(device)
+        token = sample(top_p_filter(scaled, top_p).softmax(-1), generator)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
         logps.append(torch.where(alive, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1), 0.0))
-        alive_steps.append(alive.clone())
+        alive_steps.append(alive)
         alive = alive & (token != eos_id)
         if not bool(alive.any()):
             break

@@ -21,10 +21,10 @@ import time
 
 import torch
 
-from alignkit.data.collate import Tokenized, collate_sequences, to_device
+from alignkit.data.collate import PackedBatch, Tokenized, collate_packed, collate_sequences, to_device
 from alignkit.data.rows import plain_text
 from alignkit.data.tokenize import Encoder
-from alignkit.errors import UserError
+from alignkit.errors import TrainingError, UserError
 from alignkit.losses.rl import gae, kl_penalty
 from alignkit.models.load import (
     apply_lora,
@@ -36,8 +36,8 @@ from alignkit.models.load import (
     save_pretrained_atomic,
     training_dtypes,
 )
-from alignkit.models.logps import LogProbs, reward_scores, sequence_logps, token_values
-from alignkit.rl.ops import masked_mean, masked_whiten
+from alignkit.models.logps import packed_target_logps, packed_token_values, reward_scores
+from alignkit.rl.ops import masked_whiten
 from alignkit.rl.rollout import generate
 from alignkit.rl.shaping import (
     AdaptiveKLController,
@@ -118,42 +118,86 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     return float((x * y).sum()) / denom if denom > 0 else 0.0
 
 
-def sequences_of(prompt_ids: list[list[int]], responses: list[list[int]]) -> list[Tokenized]:
-    return [Tokenized(p + r, [False] * len(p) + [True] * len(r)) for p, r in zip(prompt_ids, responses)]
+class RolloutPacker:
+    """Packs sequences of a rollout into rows for one forward: the samples of a prompt share one row,
+    [prompt | response 1 | … | response K] with a 4D mask (SPEC §12), so the prompt is computed once.
+
+    `pack(indices)` takes sorted sequence indices and returns a PackedBatch whose targets run in that order,
+    token by token — the row-major order of `response_mask[indices]`, the layout every rollout tensor uses.
+    """
+
+    def __init__(self, prompt_ids: list[list[int]], responses: list[list[int]], prompt_of: list[int], pad_id: int,
+                 share_prompts: bool = True):
+        self.seqs = [Tokenized(p + r, [False] * len(p) + [True] * len(r)) for p, r in zip(prompt_ids, responses)]
+        self.prompt_of = prompt_of if share_prompts else list(range(len(responses)))
+        self.pad_id = pad_id
+
+    def __call__(self, indices: list[int]) -> PackedBatch:
+        groups: list[list[int]] = []
+        for i in indices:  # sorted, and the samples of a prompt are consecutive: one group per run
+            if groups and self.prompt_of[groups[-1][-1]] == self.prompt_of[i]:
+                groups[-1].append(i)
+            else:
+                groups.append([i])
+        numbered, n = [], 0
+        for group in groups:
+            numbered.append(list(range(n, n + len(group))))
+            n += len(group)
+        return collate_packed([tuple(self.seqs[i] for i in g) for g in groups], self.pad_id, numbered)
 
 
-def ppo_update(cfg, policy, value, optimizer, batch, old_logps, ref_logps, advantages, returns, old_values,
-               kl_coef, compute_dtype) -> dict:
-    """`ppo_epochs` × `num_minibatches` clipped updates on one rollout; returns averaged metrics."""
-    n = batch.input_ids.shape[0]
-    size = n // cfg.num_minibatches
+def scatter_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(M,) per-token values in row-major order of `mask` (N, R) → an (N, R) float tensor, 0 elsewhere."""
+    if values.shape[0] != int(mask.sum()):
+        raise TrainingError(f"{values.shape[0]} token log-probs for {int(mask.sum())} sampled tokens "
+                            "(is a prompt empty? every response token needs a position that predicts it)")
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=mask.device)
+    out[mask] = values.float()
+    return out
+
+
+def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, mask, old_logps, ref_logps, advantages, returns,
+               old_values, kl_coef, compute_dtype, step: int) -> dict:
+    """`ppo_epochs` × `num_minibatches` clipped updates on one rollout; returns averaged metrics.
+
+    Every rollout tensor is (N, R) in response space (`mask` marks sampled tokens); a minibatch is a set of
+    sequences, packed by `pack` and flattened to its M target tokens.
+    """
+    device = mask.device
+    n = mask.shape[0]
     stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": [], "grad_norm": []}
     params = [p for p in list(policy.parameters()) + (list(value.parameters()) if value is not None else [])
               if p.requires_grad]
-    g = torch.Generator().manual_seed(cfg.seed)
+    g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=g) if cfg.num_minibatches > 1 else torch.arange(n)
-        for start in range(0, n, size):
-            idx = order[start:start + size]
-            mb = type(batch)(*(t[idx] for t in (batch.input_ids, batch.attention_mask, batch.loss_mask,
-                                                 batch.position_ids)))
+        for chunk in order.tensor_split(cfg.num_minibatches):
+            if len(chunk) == 0:
+                continue
+            idx = chunk.sort().values
+            mb = to_device(pack(idx.tolist()), device)
+            idx = idx.to(device)
+            sel = mask[idx]
+
+            def flat(x, idx=idx, sel=sel):
+                return x[idx][sel]
+
             entropy: list = []
             with autocast_context(compute_dtype):
-                lp = sequence_logps(policy, mb, cfg.temperature, entropy)
-            mask = lp.mask
-            ratio = torch.exp(lp.token_logps - old_logps[idx])
-            mb_adv = advantages[idx]
-            pg = torch.max(-mb_adv * ratio, -mb_adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range))
-            pg_loss = masked_mean(pg, mask)
+                logps = packed_target_logps(policy, mb, cfg.temperature, entropy).float()
+            ratio = torch.exp(logps - flat(old_logps))
+            adv = flat(advantages)
+            pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)).mean()
             loss = pg_loss
             if cfg.algo == "grpo":  # KL to the reference in the loss (k3, as in DeepSeekMath)
-                loss = loss + kl_coef * masked_mean(kl_penalty(lp.token_logps, ref_logps[idx], "k3"), mask)
-            v_loss = torch.zeros(())
+                loss = loss + kl_coef * kl_penalty(logps, flat(ref_logps), "k3").mean()
+            v_loss = torch.zeros((), device=device)
             if value is not None:
                 with autocast_context(compute_dtype):
-                    v = token_values(value, mb)
-                v_clipped = old_values[idx] + (v - old_values[idx]).clamp(-cfg.value_clip_range, cfg.value_clip_range)
-                v_loss = 0.5 * masked_mean(torch.max((v - returns[idx]) ** 2, (v_clipped - returns[idx]) ** 2), mask)
+                    v = packed_token_values(value, mb)
+                old_v, ret = flat(old_values), flat(returns)
+                v_clipped = old_v + (v - old_v).clamp(-cfg.value_clip_range, cfg.value_clip_range)
+                v_loss = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2).mean()
                 loss = loss + cfg.vf_coef * v_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -162,8 +206,8 @@ def ppo_update(cfg, policy, value, optimizer, batch, old_logps, ref_logps, advan
                 optimizer.step()
             stats["policy_loss"].append(float(pg_loss.detach()))
             stats["value_loss"].append(float(v_loss.detach()))
-            stats["clipfrac"].append(float(masked_mean(((ratio - 1).abs() > cfg.clip_range).float(), mask)))
-            stats["entropy"].append(float(masked_mean(entropy[0], mask)))
+            stats["clipfrac"].append(float(((ratio.detach() - 1).abs() > cfg.clip_range).float().mean()))
+            stats["entropy"].append(float(entropy[0].mean()))
             stats["grad_norm"].append(float(norm))
     optimizer.zero_grad(set_to_none=True)
     return {k: sum(v) / len(v) for k, v in stats.items()}
@@ -229,27 +273,25 @@ def train_ppo(cfg) -> dict:
         lengths = torch.tensor([len(r) for r in responses])
         scores = adjust_scores(raw_scores, rollout.finished.cpu(), lengths, missing_eos_penalty=cfg.missing_eos_penalty,
                                length_penalty=cfg.length_penalty, reward_clip=cfg.reward_clip).to(device)
-        batch = to_device(collate_sequences(sequences_of(ids, responses), tokenizer.pad_token_id), device)
+        pack = RolloutPacker(ids, responses, [i // k for i in range(len(ids))], tokenizer.pad_token_id,
+                             cfg.prefix_sharing)
+        everything = to_device(pack(list(range(len(ids)))), device)
+        mask = rollout.response_mask.to(device)
         with torch.no_grad(), autocast_context(compute_dtype):
             policy.eval()
             if cfg.ppo_epochs == 1 and cfg.num_minibatches == 1:
                 # one update on the rollout: the old log-probs are the current ones (ratio 1 at the update),
                 # read from the sampler instead of another forward (same temperature, same numbers)
-                mask = batch.loss_mask[:, 1:]
-                token_logps = torch.zeros(mask.shape, device=mask.device)
-                token_logps[mask] = rollout.logps.float()[rollout.response_mask].to(mask.device)  # row-major order
-                old = LogProbs(token_logps, mask)
+                old_logps = scatter_tokens(rollout.logps[rollout.response_mask].to(device), mask)
             else:
-                old = sequence_logps(policy, batch, cfg.temperature)
+                old_logps = scatter_tokens(packed_target_logps(policy, everything, cfg.temperature), mask)
             if reference is not None:
-                ref = sequence_logps(reference, batch, cfg.temperature)
+                ref_logps = scatter_tokens(packed_target_logps(reference, everything, cfg.temperature), mask)
             else:
                 with policy.disable_adapter():
-                    ref = sequence_logps(policy, batch, cfg.temperature)
-            old_values = token_values(value, batch) if value is not None else None
+                    ref_logps = scatter_tokens(packed_target_logps(policy, everything, cfg.temperature), mask)
+            old_values = scatter_tokens(packed_token_values(value, everything), mask) if value is not None else None
             policy.train()
-        mask = old.mask
-        old_logps, ref_logps = old.token_logps.float(), ref.token_logps.float()
         token_kl = torch.where(mask, kl_penalty(old_logps, ref_logps, cfg.kl_estimator), 0.0)
         seq_kl = torch.where(mask, old_logps - ref_logps, 0.0).sum(-1)                  # (N,) k1 sequence KL
         if cfg.algo == "ppo":
@@ -265,8 +307,8 @@ def train_ppo(cfg) -> dict:
                 seq_adv = grpo_advantages(scores, k)
             advantages = torch.where(mask, seq_adv.unsqueeze(1).expand_as(mask), 0.0)
             returns = None
-        stats = ppo_update(cfg, policy, value, optimizer, batch, old_logps, ref_logps, advantages.detach(),
-                           returns, old_values, kl_coef, compute_dtype)
+        stats = ppo_update(cfg, policy, value, optimizer, pack, mask, old_logps, ref_logps, advantages.detach(),
+                           returns, old_values, kl_coef, compute_dtype, step)
         scheduler.step()
         mean_kl = float(seq_kl.mean())
         if controller is not None:
