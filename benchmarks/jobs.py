@@ -136,7 +136,55 @@ def trl_online(world, steps, data, out, algo="grpo"):
     return float("nan"), result.metrics["train_runtime"]
 
 
+PPO_ROLLOUTS = 16
+
+
+def alignkit_ppo(world, steps, data, out):
+    from alignkit.config import PPOConfig
+    from alignkit.train.ppo import train_ppo
+
+    train_ppo(PPOConfig(model=world["policy"], data=(data,), output_dir=out, algo="ppo", max_steps=steps,
+                        reward_model=world["reward"], rollout_batch_size=PPO_ROLLOUTS, samples_per_prompt=1,
+                        max_new_tokens=NEW_TOKENS, ppo_epochs=1, num_minibatches=1, lr=LR, kl_coef=KL,
+                        temperature=1.0, seed=SEED, resume="never", max_length=512, max_prompt_length=256))
+    with open(os.path.join(out, "final", "alignkit_run.json")) as f:
+        return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds_online(out)
+
+
+def trl_ppo(world, steps, data, out, checkpointing=False):
+    """TRL 0.29's PPOTrainer (`trl.experimental.ppo`, the last TRL with PPO; it needs transformers < 5.3, so
+    this job runs in its own virtual environment: see benchmarks/README.md)."""
+    import os as _os
+
+    _os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["policy"], padding_side="left")
+    policy = AutoModelForCausalLM.from_pretrained(world["policy"])
+    ref = AutoModelForCausalLM.from_pretrained(world["policy"])
+    reward = AutoModelForSequenceClassification.from_pretrained(world["reward"], num_labels=1)
+    value = AutoModelForSequenceClassification.from_pretrained(world["reward"], num_labels=1)
+    dataset = load_dataset("json", data_files=data, split="train")
+    dataset = dataset.map(lambda row: {"input_ids": tokenizer(row["prompt"])["input_ids"]},
+                          remove_columns=dataset.column_names)
+    common = {**_trl_common(out, steps, checkpointing), "max_steps": -1, "per_device_train_batch_size": PPO_ROLLOUTS}
+    args = PPOConfig(**common, gradient_accumulation_steps=1,
+                     total_episodes=steps * PPO_ROLLOUTS, num_mini_batches=1, num_ppo_epochs=1,
+                     response_length=NEW_TOKENS, temperature=1.0, kl_coef=KL, stop_token="eos",
+                     local_rollout_forward_batch_size=PPO_ROLLOUTS, num_sample_generations=0)
+    trainer = PPOTrainer(args=args, processing_class=tokenizer, model=policy, ref_model=ref, reward_model=reward,
+                         value_model=value, train_dataset=dataset)
+    start = time.perf_counter()
+    trainer.train()
+    return float("nan"), time.perf_counter() - start
+
+
 JOBS = {
+    "alignkit-ppo": alignkit_ppo,
+    "trl-ppo": trl_ppo,
+    "trl-ppo-checkpointing": lambda *a: trl_ppo(*a, checkpointing=True),
     "alignkit-grpo": lambda *a: alignkit_online(*a, algo="grpo"),
     "trl-grpo": lambda *a: trl_online(*a, algo="grpo"),
     "alignkit-rloo": lambda *a: alignkit_online(*a, algo="rloo"),

@@ -25,6 +25,18 @@ def build(root: Path, pairs: int, seed: int = 0) -> dict:
                                  seed=model_seed)
         model.save_pretrained(root / name)
         tokenizer.save_pretrained(root / name)
+    # a reward model for the ppo comparison: the policy's backbone with a seeded random score head (both
+    # libraries also initialise their value model from it)
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    reward = AutoModelForSequenceClassification.from_pretrained(root / "policy", num_labels=1)
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        reward.score.weight.normal_(0.0, 0.1)
+    reward.config.pad_token_id = tokenizer.pad_token_id
+    reward.save_pretrained(root / "reward")
+    tokenizer.save_pretrained(root / "reward")
     rng = random.Random(seed)
     rows = []
     for _ in range(pairs):
@@ -35,5 +47,5 @@ def build(root: Path, pairs: int, seed: int = 0) -> dict:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     with open(root / "first_batch.jsonl", "w") as f:  # the first-step loss check: one batch, order-free
         f.writelines(json.dumps(r) + "\n" for r in rows[:8])
-    return {"policy": str(root / "policy"), "reference": str(root / "reference"),
+    return {"policy": str(root / "policy"), "reference": str(root / "reference"), "reward": str(root / "reward"),
             "pairs": str(root / "pairs.jsonl"), "first_batch": str(root / "first_batch.jsonl")}
