@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.alignkit-installed
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: test demo install lint clean bench
+.PHONY: test demo install lint clean bench bench-online bench-ppo
 
 install: $(STAMP)
 
@@ -30,5 +30,20 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e ".[bench]"
 	$(PY) benchmarks/run.py
 
+# grpo and rloo against TRL's GRPOTrainer and RLOOTrainer
+bench-online: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	$(PY) benchmarks/run.py --only online --steps 12
+
+# ppo against TRL 0.29's PPOTrainer, the last TRL with one; it needs transformers < 5.3: its own venv
+TRL_PPO_VENV ?= .venv-trl029
+bench-ppo: $(STAMP)
+	$(PY) -m pip install -q -e ".[bench]"
+	@test -x $(TRL_PPO_VENV)/bin/python || python3 -m venv $(TRL_PPO_VENV)
+	@$(TRL_PPO_VENV)/bin/python -c "import trl" 2>/dev/null || { \
+	  $(TRL_PPO_VENV)/bin/pip install -q "$(TORCH_CPU)" && \
+	  $(TRL_PPO_VENV)/bin/pip install -q "trl==0.29.1" "transformers<5.3" datasets accelerate; }
+	$(PY) benchmarks/run.py --only ppo --steps 12 --trl-ppo-python $(TRL_PPO_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TRL_PPO_VENV) runs .pytest_cache

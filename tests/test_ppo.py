@@ -100,8 +100,9 @@ def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, prom
 
 @pytest.mark.parametrize("share", [True, False])
 def test_packed_rollout_log_probs_and_values_equal_padded_ones(tiny_model_dir, tokenizer, share):
-    """Prefix-shared rows ([prompt | sample 1 | … | sample K], 4D mask) give each sampled token the log-prob
-    and value a plain padded forward of its own sequence gives, in the row-major order of the response mask."""
+    """Prefix-shared blocks ([prompt | sample 1 | … | sample K]), several per row (4D mask), give each sampled
+    token the log-prob and value a plain padded forward of its own sequence gives, in the row-major order of
+    the response mask."""
     from transformers import AutoModelForCausalLM
 
     from alignkit.data.collate import Tokenized, collate_sequences
@@ -121,7 +122,7 @@ def test_packed_rollout_log_probs_and_values_equal_padded_ones(tiny_model_dir, t
     pack = RolloutPacker(prompts, responses, [i // 3 for i in range(6)], tokenizer.pad_token_id, share)
     for indices in ([0, 1, 2, 3, 4, 5], [1, 2, 4]):
         batch = pack(indices)
-        assert batch.size == (2 if share else len(indices))
+        assert batch.size <= (len({i // 3 for i in indices}) if share else len(indices))
         sub = mask[indices]
         with torch.no_grad():
             got = scatter_tokens(packed_target_logps(policy, batch, 0.8), sub)
@@ -136,3 +137,34 @@ def test_packed_rollout_log_probs_and_values_equal_padded_ones(tiny_model_dir, t
             torch.testing.assert_close(got[row, :n].double(), want.token_logps[row, p - 1:p - 1 + n], rtol=0, atol=1e-6)
             torch.testing.assert_close(got_v[row, :n].double(), want_v[row, p - 1:p - 1 + n], rtol=0, atol=1e-6)
             assert float(got[row, n:].abs().sum()) == 0.0
+
+
+def test_first_fit_rows_packs_longest_first_within_capacity():
+    from alignkit.data.collate import first_fit_rows
+
+    assert first_fit_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
+    assert first_fit_rows([9, 2], 7) == [[0], [1]]  # too long for the capacity: a row of its own
+    rows = first_fit_rows([3, 1, 4, 1, 5, 9, 2, 6], 10)
+    assert sorted(i for r in rows for i in r) == list(range(8))
+    assert all(sum([3, 1, 4, 1, 5, 9, 2, 6][i] for i in r) <= 10 for r in rows) and len(rows) == 4
+
+
+def test_reward_models_score_packed_rows_like_padded_ones(tmp_path, tiny_model_dir):
+    """The scorer's padding-free, prompt-sharing rows give each response the score plain padding gives."""
+    from alignkit.train.ppo import Scorer
+
+    scorers = []
+    for share in (True, False):
+        scorer = Scorer(_cfg(tiny_model_dir, "unused", tmp_path, reward_model=tiny_model_dir, reward_fn="",
+                             prefix_sharing=share))
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(0)
+            scorer.models[0][0].score.weight.normal_(0, 1.0)
+        scorers.append(scorer)
+    prompts = ["describe the red cat ->"] * 3 + ["describe the blue dog ->"] * 2 + ["a ->"]
+    responses = ["good good", "red", "", "bad cat dog dog", "blue", "green fox good"]
+    packed, _ = scorers[0](prompts, responses)
+    padded, _ = scorers[1](prompts, responses)
+    assert scorers[0].prefix_sharing == [True]
+    torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
+    assert packed.std() > 0

@@ -138,7 +138,7 @@ class PackedBatch:
     targets: torch.Tensor         # (M,) the target token ids
     owner: torch.Tensor           # (M,) the sequence (response) each target belongs to, in [0, S)
     last_positions: torch.Tensor  # (S,) flat index of each sequence's last non-padding token (reward scores)
-    margin: torch.Tensor | None   # (R,) or None
+    margin: torch.Tensor | None   # (G,) one per group (pair), or None
     num_tokens: int
 
     @property
@@ -158,55 +158,91 @@ def prompt_length(seqs: tuple[Tokenized, ...]) -> int:
     return n
 
 
+def first_fit_rows(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Bin-pack items of the given lengths into rows of at most `capacity` tokens (first fit, longest first;
+    an item longer than `capacity` gets a row of its own). Returns the item indices of each row, each row in
+    ascending order, rows ordered by their first item."""
+    rows: list[list[int]] = []
+    free: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for r, room in enumerate(free):
+            if lengths[i] <= room:
+                rows[r].append(i)
+                free[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            free.append(capacity - lengths[i])
+    return sorted((sorted(r) for r in rows), key=lambda r: r[0])
+
+
+def group_length(group: tuple[Tokenized, ...]) -> int:
+    """Tokens a group takes in a packed row: the shared prompt once, then every response."""
+    p = prompt_length(group)
+    return p + sum(len(s) - p for s in group)
+
+
 def collate_packed(groups: list[tuple[Tokenized, ...]], pad_id: int, seq_ids: list[list[int]],
-                   margins: list[float | None] | None = None) -> PackedBatch:
-    """Pack each group (sequences sharing a prompt) into one row; `seq_ids[r][k]` numbers the sequences."""
-    rows = len(groups)
+                   margins: list[float | None] | None = None, rows: list[list[int]] | None = None) -> PackedBatch:
+    """Pack each group (sequences sharing a prompt) into a row; `seq_ids[g][k]` numbers the sequences.
+
+    `rows` (default: one group per row) lists the groups of each row: several groups in one row are
+    independent blocks of the 4D mask with their own position ids (padding-free packing). Targets are listed
+    by sequence number, then token order, wherever the rows put them.
+    """
+    rows = rows if rows is not None else [[g] for g in range(len(groups))]
     spans = []
     for group in groups:
         p = prompt_length(group)
         spans.append((p, [len(s) - p for s in group]))
-    width = max(p + sum(lens) for p, lens in spans)
-    input_ids = torch.full((rows, width), pad_id, dtype=torch.long)
-    position_ids = torch.zeros((rows, width), dtype=torch.long)
-    mask = torch.zeros((rows, 1, width, width), dtype=torch.bool)
+    used_by_row = [sum(spans[g][0] + sum(spans[g][1]) for g in row) for row in rows]
+    width = max(used_by_row)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
     n_seq = 1 + max(i for ids in seq_ids for i in ids)
     last = torch.zeros(n_seq, dtype=torch.long)
     positions, targets, owner = [], [], []
-    for r, (group, (p, lens)) in enumerate(zip(groups, spans)):
-        used = p + sum(lens)
-        input_ids[r, :p] = torch.tensor(group[0].ids[:p], dtype=torch.long)
-        position_ids[r, :p] = torch.arange(p)
-        block = torch.zeros((used, used), dtype=torch.bool)
-        block[:, :p] = True
-        start = p
-        for seq, length, sid in zip(group, lens, seq_ids[r]):
-            end = start + length
-            input_ids[r, start:end] = torch.tensor(seq.ids[p:], dtype=torch.long)
-            position_ids[r, start:end] = torch.arange(p, p + length)
-            block[start:end, start:end] = True
-            for k in range(length):
-                prev = (p - 1) if k == 0 else (start + k - 1)  # the position whose logits predict token k
-                if seq.loss_mask[p + k] and prev >= 0:  # (a first token with no prompt is never predicted)
-                    positions.append(r * width + prev)
-                    targets.append(seq.ids[p + k])
-                    owner.append(sid)
-            # as a classifier reads a standalone sequence: its last token that is not padding
-            real = [i for i in range(length) if seq.ids[p + i] != pad_id]
-            last[sid] = r * width + (start + real[-1] if real else max(p - 1, 0))
-            start = end
-        mask[r, 0, :used, :used] = block.tril()
-        if used < width:  # padding rows attend to themselves only (keeps the softmax finite)
-            idx = torch.arange(used, width)
+    for r, row in enumerate(rows):
+        offset = 0
+        for g in row:
+            group, (p, lens) = groups[g], spans[g]
+            used = p + sum(lens)
+            base = r * width + offset
+            input_ids[r, offset:offset + p] = torch.tensor(group[0].ids[:p], dtype=torch.long)
+            position_ids[r, offset:offset + p] = torch.arange(p)
+            block = torch.zeros((used, used), dtype=torch.bool)
+            block[:, :p] = True
+            start = p
+            for seq, length, sid in zip(group, lens, seq_ids[g]):
+                end = start + length
+                input_ids[r, offset + start:offset + end] = torch.tensor(seq.ids[p:], dtype=torch.long)
+                position_ids[r, offset + start:offset + end] = torch.arange(p, p + length)
+                block[start:end, start:end] = True
+                for k in range(length):
+                    prev = (p - 1) if k == 0 else (start + k - 1)  # the position whose logits predict token k
+                    if seq.loss_mask[p + k] and prev >= 0:  # (a first token with no prompt is never predicted)
+                        positions.append(base + prev)
+                        targets.append(seq.ids[p + k])
+                        owner.append(sid)
+                # as a classifier reads a standalone sequence: its last token that is not padding
+                real = [i for i in range(length) if seq.ids[p + i] != pad_id]
+                last[sid] = base + (start + real[-1] if real else max(p - 1, 0))
+                start = end
+            mask[r, 0, offset:offset + used, offset:offset + used] = block.tril()
+            offset += used
+        if offset < width:  # padding attends to itself only (keeps the softmax finite)
+            idx = torch.arange(offset, width)
             mask[r, 0, idx, idx] = True
     margin = None
     if margins is not None and any(m is not None for m in margins):
         margin = torch.tensor([m if m is not None else 0.0 for m in margins], dtype=torch.float32)
+    owner_t = torch.tensor(owner, dtype=torch.long)
+    order = torch.argsort(owner_t, stable=True)
     return PackedBatch(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
-        positions=torch.tensor(positions, dtype=torch.long), targets=torch.tensor(targets, dtype=torch.long),
-        owner=torch.tensor(owner, dtype=torch.long), last_positions=last, margin=margin,
-        num_tokens=sum(p + sum(lens) for p, lens in spans))
+        positions=torch.tensor(positions, dtype=torch.long)[order], targets=torch.tensor(targets, dtype=torch.long)[order],
+        owner=owner_t[order], last_positions=last, margin=margin, num_tokens=sum(used_by_row))
 
 
 def collate_packed_pairs(pairs: list[TokenizedPair], pad_id: int) -> PackedBatch:
