@@ -168,3 +168,12 @@ def test_reward_models_score_packed_rows_like_padded_ones(tmp_path, tiny_model_d
     assert scorers[0].prefix_sharing == [True]
     torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
     assert packed.std() > 0
+
+
+def test_value_model_with_another_vocabulary_is_refused(tmp_path, tiny_model_dir, prompts_file):
+    from alignkit.errors import UserError
+    from alignkit.models.tiny import save_tiny_model
+
+    other = save_tiny_model(tmp_path / "other", ["zebra", "quokka", "axolotl"], seed=1)
+    with pytest.raises(UserError, match="vocabulary differs"):
+        train_ppo(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", algo="ppo", value_model=str(other), max_steps=1))

@@ -124,6 +124,14 @@ class Scorer:
         return total, spread
 
 
+def check_same_vocabulary(policy_tokenizer, other_tokenizer, path: str) -> None:
+    """The value model reads the policy's token ids, so its tokenizer must give every token the same id."""
+    other = other_tokenizer.get_vocab()
+    if any(other.get(token) != i for token, i in policy_tokenizer.get_vocab().items()):
+        raise UserError(f"{path}: the value model's vocabulary differs from the policy's (it reads the policy's "
+                        "token ids); set value_model to a model with the policy's tokenizer, e.g. the policy itself")
+
+
 def distinct_2(responses: list[list[int]]) -> float:
     bigrams = [tuple(r[i:i + 2]) for r in responses for i in range(len(r) - 1)]
     return len(set(bigrams)) / max(1, len(bigrams))
@@ -260,7 +268,9 @@ def train_ppo(cfg) -> dict:
     value = None
     if cfg.algo == "ppo":
         init = cfg.value_model or (list(cfg.reward_models) + [cfg.reward_model])[0] or cfg.model
-        value = load_reward_model(init or cfg.model, load_tokenizer(init or cfg.model), cfg.dtype, cfg.trust_remote_code)
+        value_tokenizer = load_tokenizer(init, cfg.trust_remote_code)
+        check_same_vocabulary(tokenizer, value_tokenizer, init)
+        value = load_reward_model(init, value_tokenizer, cfg.dtype, cfg.trust_remote_code)
     modules = torch.nn.ModuleDict({"policy": policy, **({"value": value} if value is not None else {})})
     _, compute_dtype = training_dtypes(cfg.dtype)
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompts) / cfg.rollout_batch_size))
