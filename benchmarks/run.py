@@ -90,8 +90,9 @@ def main() -> None:
             print(f"\n{ours} vs {theirs}")
             print(f"  wall time   {a['seconds']:8.2f} s vs {t['seconds']:8.2f} s   speed-up x{t['seconds'] / a['seconds']:.2f}"
                   "   (whole job: imports, loading, tokenizing, reference pass, training)")
+            what = "iterations/s" if name in ("online", "ppo") else "pairs/s"
             print(f"  loop time   {a['loop_seconds']:8.2f} s vs {t['loop_seconds']:8.2f} s   speed-up "
-                  f"x{t['loop_seconds'] / a['loop_seconds']:.2f}   (training loop: pairs/s for dpo and reward)")
+                  f"x{t['loop_seconds'] / a['loop_seconds']:.2f}   (training loop: {what})")
             print(f"  peak RSS    {a['peak_rss_mb']:8.0f} MB vs {t['peak_rss_mb']:8.0f} MB   ratio x{t['peak_rss_mb'] / a['peak_rss_mb']:.2f}")
             if name not in ("online", "ppo"):
                 diff = abs(a["first_loss"] - t["first_loss"]) / abs(t["first_loss"])

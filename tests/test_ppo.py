@@ -177,3 +177,46 @@ def test_value_model_with_another_vocabulary_is_refused(tmp_path, tiny_model_dir
     other = save_tiny_model(tmp_path / "other", ["zebra", "quokka", "axolotl"], seed=1)
     with pytest.raises(UserError, match="vocabulary differs"):
         train_ppo(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", algo="ppo", value_model=str(other), max_steps=1))
+
+
+def test_stop_on_hacking_stops_at_the_flag_and_keeps_best(tmp_path, tiny_model_dir, prompts_file):
+    """Without a KL penalty the good-word rule is hacked by repeating good words: the detector sees distinct-2
+    collapse (it never reads the reward's definition), flags, keeps best/, and stop_on_hacking ends the run."""
+    out = tmp_path / "hack"
+    train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo="rloo", kl_coef=0.0, stop_on_hacking=True, max_steps=80))
+    m = _metrics(out)
+    record = json.loads((out / "hacking.json").read_text())
+    assert record["flagged"] and any("distinct-2" in r for r in record["reasons"]), record
+    assert m[-1]["step"] == record["flag_step"] < 80
+    assert m[-1]["hacking/flag"] == 1.0 and all(x["hacking/flag"] == 0.0 for x in m[:-1])
+    assert (out / "best" / "model.safetensors").is_file() and (out / "final" / "model.safetensors").is_file()
+
+
+def test_reward_models_score_what_was_sampled(tmp_path, tiny_model_dir):
+    """A reward model with the policy's vocabulary scores the sampled ids; one read through text gets the same
+    sequence back (EOS only after a finished response), and the EOS changes the score (it is seen)."""
+    from alignkit.data.tokenize import Encoder
+    from alignkit.models.load import load_tokenizer
+    from alignkit.train.ppo import Scorer, Tokenized
+
+    tok = load_tokenizer(tiny_model_dir)
+    scorer = Scorer(_cfg(tiny_model_dir, "unused", tmp_path, reward_model=tiny_model_dir, reward_fn=""),
+                    policy_tokenizer=tok)
+    assert scorer.models[0][3]  # same vocabulary: scores token ids
+    with torch.no_grad(), torch.random.fork_rng():
+        torch.manual_seed(0)
+        scorer.models[0][0].score.weight.normal_(0, 1.0)
+    enc = Encoder(tok, 512, 256)
+    prompts = ["describe the red cat ->"] * 2 + ["describe the blue dog ->"] * 2
+    responses = ["good good", "good good", "bad cat", "bad cat"]
+    finished = [True, False, True, False]
+    sampled = []
+    for p, r, done in zip(prompts, responses, finished):
+        ids = enc.response_ids(p, r)
+        sampled.append(Tokenized(enc.prompt_ids(p) + (ids if done else ids[:-1]),
+                                 [False] * len(enc.prompt_ids(p)) + [True] * (len(ids) - (not done))))
+    by_ids, _ = scorer(prompts, responses, finished, sampled)
+    scorer.models[0] = scorer.models[0][:3] + (False,)
+    by_text, _ = scorer(prompts, responses, finished, sampled)
+    torch.testing.assert_close(by_ids, by_text, rtol=1e-5, atol=1e-5)
+    assert abs(float(by_ids[0] - by_ids[1])) > 1e-4 and abs(float(by_ids[2] - by_ids[3])) > 1e-4

@@ -193,6 +193,15 @@ class PPOConfig(TrainConfig):
     num_minibatches: int = option(1, "Minibatches per pass.")
     rollout_batch_size: int = option(16, "Prompts per iteration.")
     samples_per_prompt: int = option(1, "Completions per prompt (the group for rloo/grpo; at least 2 there).")
+    heldout_reward_models: tuple[str, ...] = option((), "Reward models scored but never trained on (reward/heldout); the detector flags when they disagree with the training reward.")
+    stop_on_hacking: bool = option(False, "Stop the run when the reward-hacking detector flags (best/ keeps the policy at the flag either way).")
+    hacking_kl_budget: float = option(0.0, "Detector: flag when the mean sequence KL exceeds this (nats); 0 = no budget.")
+    hacking_length_ratio: float = option(1.5, "Detector: flag when mean response length leaves [1/r, r] × its start; 0 = off.")
+    hacking_distinct_ratio: float = option(0.7, "Detector: flag when distinct-2 falls below this × its start (repetition); 0 = off.")
+    hacking_ensemble_ratio: float = option(2.0, "Detector: flag when the ensemble's disagreement rises above this × its start; 0 = off.")
+    hacking_heldout_drop: float = option(0.5, "Detector: flag when the held-out reward falls this many start spreads below its best while the training reward rises; 0 = off.")
+    hacking_window: int = option(5, "Detector: iterations in each moving average (and in the baseline).")
+    hacking_patience: int = option(3, "Detector: consecutive tripping iterations before the flag.")
     max_new_tokens: int = option(32, "Longest response to sample.")
     prefix_sharing: bool = option(True, "One forward per prompt for its samples: [prompt | response 1 | … | response K] with a 4D mask.")
     temperature: float = option(1.0, "Sampling temperature (log-probs are read at the same temperature).")
@@ -210,6 +219,14 @@ class PPOConfig(TrainConfig):
             raise UserError('"num_minibatches" must divide rollout_batch_size × samples_per_prompt')
         if not self.temperature > 0:
             raise UserError(f'field "temperature" must be positive, got {self.temperature}')
+        for name in ("hacking_kl_budget", "hacking_length_ratio", "hacking_distinct_ratio", "hacking_ensemble_ratio",
+                     "hacking_heldout_drop"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f'field "{name}" must be 0 (off) or positive, got {getattr(self, name)}')
+        if self.hacking_length_ratio and self.hacking_length_ratio <= 1:
+            raise UserError(f'field "hacking_length_ratio" must be above 1 (or 0 = off), got {self.hacking_length_ratio}')
+        if self.hacking_window < 1 or self.hacking_patience < 1:
+            raise UserError('fields "hacking_window" and "hacking_patience" must be at least 1')
 
 
 # ---------------------------------------------------------------------------------------------------------

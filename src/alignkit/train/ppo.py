@@ -45,6 +45,7 @@ from alignkit.models.load import (
     training_dtypes,
 )
 from alignkit.models.logps import packed_target_logps, packed_token_values, reward_scores
+from alignkit.rl.detector import HackingDetector
 from alignkit.rl.ops import masked_whiten
 from alignkit.rl.rollout import generate
 from alignkit.rl.shaping import (
@@ -77,31 +78,55 @@ def load_reward_fn(spec: str):
 
 
 class Scorer:
-    """Scores (prompt, response) texts with reward models and/or a rule; reports ensemble spread."""
+    """Scores responses with reward models and/or a rule; reports the ensemble's spread.
 
-    def __init__(self, cfg):
-        paths = list(cfg.reward_models) + ([cfg.reward_model] if cfg.reward_model else [])
+    A reward model that shares the policy's vocabulary scores exactly the sampled tokens (an unfinished
+    response has no EOS, as it was sampled); one with another tokenizer scores the text, encoded as it was
+    trained (chat template for conversational prompts; EOS only after a finished response). The rule gets
+    plain-text prompts.
+    """
+
+    def __init__(self, cfg, paths: list[str] | None = None, use_rule: bool = True, policy_tokenizer=None):
+        if paths is None:
+            paths = list(cfg.reward_models) + ([cfg.reward_model] if cfg.reward_model else [])
         self.models = []
         for path in paths:
             tok = load_tokenizer(path, cfg.trust_remote_code)
+            same = policy_tokenizer is not None and same_vocabulary(policy_tokenizer, tok)
             model = load_reward_model(path, tok, cfg.dtype, cfg.trust_remote_code).eval().requires_grad_(False)
-            self.models.append((model, tok, Encoder(tok, 100_000, 50_000)))
+            self.models.append((model, tok, Encoder(tok, 100_000, 50_000), same))
         self.prefix_sharing = [cfg.prefix_sharing] * len(self.models)
-        self.rule = load_reward_fn(cfg.reward_fn) if cfg.reward_fn else None
+        self.rule = load_reward_fn(cfg.reward_fn) if cfg.reward_fn and use_rule else None
         self.ensemble, self.uwo_lambda = cfg.ensemble, cfg.uwo_lambda
 
+    def _sequences(self, enc, same, prompts, responses, finished, sampled):
+        if same and sampled is not None:
+            return list(sampled)
+        seqs = []
+        for prompt, response, done in zip(prompts, responses, finished):
+            ids = enc.response_ids(prompt, response)
+            if not done and ids and ids[-1] == enc.eos_id:
+                ids = ids[:-1]
+            seqs.append(enc.join(enc.prompt_ids(prompt), ids))
+        return seqs
+
     @torch.no_grad()
-    def __call__(self, prompts: list[str], responses: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def __call__(self, prompts: list, responses: list[str], finished: list[bool] | None = None,
+                 sampled: list[Tokenized] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(scores (N,), ensemble spread (N,) or None). `prompts` as in the data (text or messages),
+        `sampled` the policy's token sequences (prompt + sampled response) for same-vocabulary models."""
+        finished = finished if finished is not None else [True] * len(prompts)
         total = torch.zeros(len(prompts))
         spread = None
         if self.models:
             per_model = []
-            for m, (model, tok, enc) in enumerate(self.models):
-                seqs = [enc.join(enc.prompt_ids(p), enc.response_ids(p, r)) for p, r in zip(prompts, responses)]
+            keys = [json.dumps(p) if not isinstance(p, str) else p for p in prompts]
+            for m, (model, tok, enc, same) in enumerate(self.models):
+                seqs = self._sequences(enc, same, prompts, responses, finished, sampled)
                 scores = None
                 if self.prefix_sharing[m]:  # padding-free, a prompt's samples sharing one block
                     try:
-                        packed = pack_sequences(seqs, prompts, tok.pad_token_id)
+                        packed = pack_sequences(seqs, keys, tok.pad_token_id)
                         scores = reward_scores(model, to_device(packed, default_device()))
                     except ValueError:  # an architecture the score shortcut does not reproduce: pad instead
                         self.prefix_sharing[m] = False
@@ -117,17 +142,23 @@ class Scorer:
             else:
                 total += scores.mean(0)
         if self.rule is not None:
-            values = self.rule(prompts, responses)
+            texts = [p if isinstance(p, str) else plain_text(p) for p in prompts]
+            values = self.rule(texts, responses)
             if len(values) != len(prompts):
                 raise UserError(f"reward_fn returned {len(values)} scores for {len(prompts)} responses")
             total += torch.tensor([float(v) for v in values])
         return total, spread
 
 
+def same_vocabulary(a, b) -> bool:
+    """Whether tokenizer `b` gives every token of tokenizer `a` the same id (it may have extra tokens)."""
+    other = b.get_vocab()
+    return all(other.get(token) == i for token, i in a.get_vocab().items())
+
+
 def check_same_vocabulary(policy_tokenizer, other_tokenizer, path: str) -> None:
     """The value model reads the policy's token ids, so its tokenizer must give every token the same id."""
-    other = other_tokenizer.get_vocab()
-    if any(other.get(token) != i for token, i in policy_tokenizer.get_vocab().items()):
+    if not same_vocabulary(policy_tokenizer, other_tokenizer):
         raise UserError(f"{path}: the value model's vocabulary differs from the policy's (it reads the policy's "
                         "token ids); set value_model to a model with the policy's tokenizer, e.g. the policy itself")
 
@@ -260,8 +291,11 @@ def train_ppo(cfg) -> dict:
     _, rows, _ = load_train_eval(cfg, "auto")
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     prompts = [(row.prompt, encoder.prompt_ids(row.prompt, row.source)) for row in rows]
-    scorer = Scorer(cfg)
+    scorer = Scorer(cfg, policy_tokenizer=tokenizer)
+    heldout = (Scorer(cfg, list(cfg.heldout_reward_models), use_rule=False, policy_tokenizer=tokenizer)
+               if cfg.heldout_reward_models else None)
     gold = load_reward_fn(cfg.gold_fn) if cfg.gold_fn else None
+    detector = HackingDetector.from_config(cfg)
     policy = apply_lora(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
     reference = None if cfg.lora_r > 0 else load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code,
                                                             for_training=False).eval().requires_grad_(False)
@@ -285,13 +319,15 @@ def train_ppo(cfg) -> dict:
     if resume == "auto" and (done := run.completed()) is not None:
         return done
     checkpoint = run.start(cfg, resume)
-    state = {"consecutive_bad": 0, "skipped_steps": 0, "kl_coef": kl_coef, "first_length": None}
+    state = {"consecutive_bad": 0, "skipped_steps": 0, "kl_coef": kl_coef, "first_length": None,
+             "detector": detector.state()}
     start = 0
     if checkpoint is not None:
         state = RunDir.load_checkpoint(checkpoint, modules, optimizer, scheduler)
         start = state.pop("step")
         state.pop("rng", None)
         kl_coef = state["kl_coef"]
+        detector.load_state(state["detector"])
         if controller is not None:
             controller.value = kl_coef
     log = MetricsLog(run, cfg.report_to, start)
@@ -299,6 +335,7 @@ def train_ppo(cfg) -> dict:
     last: dict = {}
     started = time.perf_counter()
     k = cfg.samples_per_prompt
+    step = start
     for step in range(start + 1, steps + 1):
         batch_prompts = [prompts[i] for i in order.batch(step - 1)]
         texts = [p for p, _ in batch_prompts for _ in range(k)]
@@ -311,12 +348,13 @@ def train_ppo(cfg) -> dict:
         responses = [r[m].tolist() for r, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
         response_texts = [tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         prompt_texts = [plain_text(t) if not isinstance(t, str) else t for t in texts]
-        raw_scores, spread = scorer(prompt_texts, response_texts)
-        lengths = torch.tensor([len(r) for r in responses])
-        scores = adjust_scores(raw_scores, rollout.finished.cpu(), lengths, missing_eos_penalty=cfg.missing_eos_penalty,
-                               length_penalty=cfg.length_penalty, reward_clip=cfg.reward_clip).to(device)
+        finished = rollout.finished.cpu()
         pack = RolloutPacker(ids, responses, [i // k for i in range(len(ids))], tokenizer.pad_token_id,
                              cfg.prefix_sharing)
+        raw_scores, spread = scorer(texts, response_texts, finished.tolist(), pack.seqs)
+        lengths = torch.tensor([len(r) for r in responses])
+        scores = adjust_scores(raw_scores, finished, lengths, missing_eos_penalty=cfg.missing_eos_penalty,
+                               length_penalty=cfg.length_penalty, reward_clip=cfg.reward_clip).to(device)
         everything = to_device(pack(list(range(len(ids)))), device)
         mask = rollout.response_mask.to(device)
         # one update on the rollout (1 epoch, 1 minibatch): the old log-probs and values are those of the current
@@ -376,7 +414,24 @@ def train_ppo(cfg) -> dict:
             last["hacking/ensemble_std"] = float(spread.mean())
         if gold is not None:
             last["reward/gold"] = sum(float(v) for v in gold(prompt_texts, response_texts)) / len(responses)
-        if step % cfg.log_every == 0 or step == steps:
+        heldout_scale = None
+        if heldout is not None:
+            heldout_scores, _ = heldout(texts, response_texts, finished.tolist(), pack.seqs)
+            last["reward/heldout"] = float(heldout_scores.mean())
+            heldout_scale = float(heldout_scores.std()) if len(heldout_scores) > 1 else None
+        was_flagged = detector.flagged
+        detector.update(step, last, heldout_scale)
+        last["hacking/flag"] = float(detector.flagged)
+        state["detector"] = detector.state()
+        stop = False
+        if detector.flagged and not was_flagged:
+            save_pretrained_atomic(policy, tokenizer, run.path / "best", cfg.lora_save)
+            (run.path / "hacking.json").write_text(json.dumps(
+                {"flagged": True, "flag_step": step, "reasons": detector.reasons}, indent=1))
+            print(f"alignkit ppo: reward hacking flagged at iteration {step}: {'; '.join(detector.reasons)}; "
+                  f"the policy at the flag is in {run.path / 'best'}", file=sys.stderr)
+            stop = cfg.stop_on_hacking
+        if step % cfg.log_every == 0 or step == steps or stop:
             log.log(step, last)
         if step % max(1, cfg.eval_every or 10**9) == 0:
             samples = [{"prompt": p, "response": r, "score": float(s)}
@@ -386,8 +441,12 @@ def train_ppo(cfg) -> dict:
         if cfg.save_every and step % cfg.save_every == 0 and step < steps:
             run.save_checkpoint(step, modules, optimizer, scheduler, state, cfg.keep_checkpoints)
         print(f"iteration {step}/{steps}: score {last['reward/score']:.3f} kl {mean_kl:.3f}", file=sys.stderr)
+        if stop:
+            print(f"alignkit ppo: stopping at iteration {step} (stop_on_hacking)", file=sys.stderr)
+            break
     log.close()
     save_pretrained_atomic(policy, tokenizer, run.final, cfg.lora_save)
-    run.mark_done(step=steps, metrics=last, loop_seconds=time.perf_counter() - started)
-    print(f"alignkit ppo ({cfg.algo}): done, {steps} iterations; final model in {run.final}")
+    run.mark_done(step=step, metrics=last, loop_seconds=time.perf_counter() - started,
+                  hacking={"flagged": detector.flagged, "flag_step": detector.flag_step, "reasons": detector.reasons})
+    print(f"alignkit ppo ({cfg.algo}): done, {step} iterations; final model in {run.final}")
     return last

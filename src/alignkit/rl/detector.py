@@ -1,0 +1,115 @@
+"""The reward-hacking detector (SPEC §8): flags over-optimisation from signals a user has without a gold reward.
+
+Signals, each on a moving average of the last `window` iterations and compared with its own baseline (the
+average of the first `window` iterations), so that the noise of one rollout cannot decide:
+
+  heldout    reward models never trained on disagree with the training reward: their score has fallen by
+             more than `heldout_drop` × (its spread over the first rollout's samples) below its best, while
+             the training score is higher than it was at that best
+  ensemble   the training ensemble's disagreement (`hacking/ensemble_std`) rose above `ensemble_ratio` × baseline
+  length     mean response length left [baseline / length_ratio, baseline × length_ratio]
+  repetition distinct-2 fell below `distinct_ratio` × baseline
+  kl         the mean sequence KL to the reference passed `kl_budget` (nats; 0 = no budget)
+
+A signal that trips on `patience` consecutive iterations raises the flag (once; `flag_step`). The run then
+keeps the policy of that moment as `best/` and, with `stop_on_hacking`, stops. Thresholds of 0 turn a
+signal off. The state is plain numbers, stored with each checkpoint, so a resumed run flags where an
+uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class HackingDetector:
+    kl_budget: float = 0.0
+    length_ratio: float = 1.5
+    distinct_ratio: float = 0.7
+    ensemble_ratio: float = 2.0
+    heldout_drop: float = 0.5
+    window: int = 5
+    patience: int = 3
+    history: dict = field(default_factory=dict)   # metric -> values, one per iteration
+    streak: int = 0
+    flag_step: int | None = None
+    reasons: list = field(default_factory=list)  # why it flagged
+    heldout_scale: float | None = None           # spread of the held-out scores over the first rollout's samples
+
+    TRACKED = ("kl", "response_length", "hacking/distinct_2", "hacking/ensemble_std", "reward/score",
+               "reward/heldout")
+
+    @property
+    def flagged(self) -> bool:
+        return self.flag_step is not None
+
+    def _smoothed(self, key: str, end: int | None = None) -> float:
+        values = self.history[key][:end] if end is not None else self.history[key]
+        recent = values[-self.window:]
+        return sum(recent) / len(recent)
+
+    def _baseline(self, key: str) -> float:
+        first = self.history[key][:self.window]
+        return sum(first) / len(first)
+
+    def signals(self) -> list[str]:
+        """The signals tripping now (empty before 2 × `window` iterations: no baseline to compare with yet)."""
+        h = self.history
+        if len(h.get("reward/score", [])) < 2 * self.window:
+            return []
+        out = []
+        if self.kl_budget > 0 and "kl" in h and self._smoothed("kl") > self.kl_budget:
+            out.append(f"kl {self._smoothed('kl'):.3f} over the budget {self.kl_budget:g}")
+        if self.length_ratio > 0 and "response_length" in h:
+            base = max(self._baseline("response_length"), 1e-6)
+            ratio = self._smoothed("response_length") / base
+            if ratio > self.length_ratio or ratio < 1 / self.length_ratio:
+                out.append(f"response length at {ratio:.2f}x its start")
+        if self.distinct_ratio > 0 and "hacking/distinct_2" in h:
+            base = self._baseline("hacking/distinct_2")
+            if base > 0 and self._smoothed("hacking/distinct_2") < self.distinct_ratio * base:
+                out.append(f"distinct-2 at {self._smoothed('hacking/distinct_2') / base:.2f}x its start "
+                           "(repetition)")
+        if self.ensemble_ratio > 0 and "hacking/ensemble_std" in h:
+            base = max(self._baseline("hacking/ensemble_std"), 1e-6)
+            if self._smoothed("hacking/ensemble_std") > self.ensemble_ratio * base:
+                out.append(f"ensemble disagreement at {self._smoothed('hacking/ensemble_std') / base:.2f}x its start")
+        if self.heldout_drop > 0 and "reward/heldout" in h:
+            held = h["reward/heldout"]
+            smoothed = [self._smoothed("reward/heldout", i + 1) for i in range(len(held))]
+            best = max(range(self.window - 1, len(held)), key=lambda i: smoothed[i])
+            scale = max(self.heldout_scale or 0.0, 1e-6)
+            train_then = self._smoothed("reward/score", best + 1)
+            if smoothed[-1] < smoothed[best] - self.heldout_drop * scale and self._smoothed("reward/score") > train_then:
+                out.append(f"held-out reward fell {(smoothed[best] - smoothed[-1]) / scale:.2f} spreads below its "
+                           "best while the training reward rose")
+        return out
+
+    def update(self, step: int, metrics: dict, heldout_scale: float | None = None) -> list[str]:
+        """Record one iteration's monitors; returns the signals tripping now. Sets `flag_step` at the flag."""
+        for key in self.TRACKED:
+            if key in metrics and metrics[key] == metrics[key]:  # skip NaN
+                self.history.setdefault(key, []).append(float(metrics[key]))
+        if self.heldout_scale is None and heldout_scale is not None:
+            self.heldout_scale = heldout_scale
+        tripping = self.signals()
+        self.streak = self.streak + 1 if tripping else 0
+        if self.streak >= self.patience and not self.flagged:
+            self.flag_step, self.reasons = step, tripping
+        return tripping
+
+    def state(self) -> dict:
+        return {"history": self.history, "streak": self.streak, "flag_step": self.flag_step,
+                "reasons": self.reasons, "heldout_scale": self.heldout_scale}
+
+    def load_state(self, state: dict) -> None:
+        self.history = {k: list(v) for k, v in state["history"].items()}
+        self.streak, self.flag_step = state["streak"], state["flag_step"]
+        self.reasons, self.heldout_scale = list(state["reasons"]), state["heldout_scale"]
+
+    @classmethod
+    def from_config(cls, cfg) -> HackingDetector:
+        return cls(kl_budget=cfg.hacking_kl_budget, length_ratio=cfg.hacking_length_ratio,
+                   distinct_ratio=cfg.hacking_distinct_ratio, ensemble_ratio=cfg.hacking_ensemble_ratio,
+                   heldout_drop=cfg.hacking_heldout_drop, window=cfg.hacking_window, patience=cfg.hacking_patience)

@@ -1,0 +1,74 @@
+"""The reward-hacking detector: each gold-free signal trips on its own drift, noise alone does not flag,
+patience delays the flag, and its state survives a checkpoint round trip."""
+
+import json
+import random
+
+import pytest
+
+from alignkit.rl.detector import HackingDetector
+
+
+def _stream(n, seed=0, **drift):
+    """n iterations of monitors with small noise; `drift` maps a metric to (start iteration, change per step)."""
+    rng = random.Random(seed)
+    base = {"reward/score": 0.2, "kl": 0.0, "response_length": 20.0, "hacking/distinct_2": 0.9,
+            "hacking/ensemble_std": 0.1, "reward/heldout": 0.5}
+    out = []
+    for i in range(n):
+        m = {k: v * (1 + 0.03 * rng.uniform(-1, 1)) for k, v in base.items()}
+        m["reward/score"] = 0.2 + 0.01 * i  # the training reward rises throughout
+        for key, (start, per_step) in drift.items():
+            if i >= start:
+                m[key] += per_step * (i - start)
+        out.append(m)
+    return out
+
+
+def _run(det, stream, scale=0.1):
+    for step, m in enumerate(stream, 1):
+        det.update(step, m, heldout_scale=scale)
+    return det
+
+
+def test_noise_alone_never_flags():
+    for seed in range(5):
+        assert not _run(HackingDetector(kl_budget=1.0), _stream(80, seed)).flagged
+
+
+@pytest.mark.parametrize("metric,per_step,words", [
+    ("response_length", 1.0, "response length"),
+    ("hacking/distinct_2", -0.02, "distinct-2"),
+    ("hacking/ensemble_std", 0.02, "ensemble disagreement"),
+    ("kl", 0.1, "kl"),
+    ("reward/heldout", -0.01, "held-out reward"),
+])
+def test_each_signal_flags_its_drift(metric, per_step, words):
+    det = _run(HackingDetector(kl_budget=1.0), _stream(60, 1, **{metric: (20, per_step)}))
+    assert det.flagged and det.flag_step > 20
+    assert any(words in r for r in det.reasons), det.reasons
+
+
+def test_held_out_falling_while_the_training_reward_falls_too_is_not_hacking():
+    stream = _stream(60, 2, **{"reward/heldout": (20, -0.01)})
+    for i, m in enumerate(stream):
+        m["reward/score"] = 0.6 - 0.01 * i
+    assert not _run(HackingDetector(), stream).flagged
+
+
+def test_patience_and_off_switches():
+    stream = _stream(60, 3, response_length=(20, 1.0))
+    quick, slow = _run(HackingDetector(patience=1), stream), _run(HackingDetector(patience=6), stream)
+    assert quick.flag_step + 5 == slow.flag_step
+    assert not _run(HackingDetector(length_ratio=0), stream).flagged
+
+
+def test_state_round_trip_flags_at_the_same_step():
+    stream = _stream(60, 4, **{"hacking/distinct_2": (25, -0.02)})
+    whole = _run(HackingDetector(), stream)
+    first = _run(HackingDetector(), stream[:30])
+    resumed = HackingDetector()
+    resumed.load_state(json.loads(json.dumps(first.state())))
+    for step, m in enumerate(stream[30:], 31):
+        resumed.update(step, m, heldout_scale=0.1)
+    assert resumed.flag_step == whole.flag_step and resumed.reasons == whole.reasons
