@@ -47,7 +47,8 @@ def test_each_algorithm_raises_the_rule_reward(tmp_path, tiny_model_dir, prompts
 
 
 def test_reward_model_ensemble_and_gold(tmp_path, tiny_model_dir, prompts_file):
-    """Two reward models (uwo) plus a gold function: ensemble spread and gold are logged every iteration."""
+    """Two reward models (uwo), a held-out one and a gold function: ensemble spread, held-out score and gold
+    are logged every iteration."""
     from alignkit.config import RewardConfig
     from alignkit.examples import pairwise_rows
     from alignkit.train.reward import train_reward
@@ -61,9 +62,10 @@ def test_reward_model_ensemble_and_gold(tmp_path, tiny_model_dir, prompts_file):
         rms.append(str(out / "final"))
     out = tmp_path / "run"
     train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo="rloo", max_steps=3, reward_fn="", reward_models=tuple(rms),
-                   ensemble="uwo", gold_fn=RULE))
+                   ensemble="uwo", gold_fn=RULE, heldout_reward_models=(rms[1],)))
     m = _metrics(out)
     assert all(x["hacking/ensemble_std"] > 0 and 0 <= x["reward/gold"] <= 1 for x in m)
+    assert all(x["reward/heldout"] == x["reward/heldout"] and x["hacking/flag"] == 0.0 for x in m)
 
 
 def test_kl_target_moves_the_coefficient_towards_it(tmp_path, tiny_model_dir, prompts_file):
