@@ -20,6 +20,8 @@ from alignkit.losses import (
     kl_penalty,
     kto_loss,
     plackett_luce_loss,
+    ppo_policy_loss,
+    ppo_value_loss,
     sft_token_loss,
 )
 
@@ -382,6 +384,28 @@ def test_gae_gamma1_lam1_is_reward_to_go_minus_value():
     advantages, _ = gae(rewards, values, mask, gamma=1.0, lam=1.0)
     to_go = (rewards * mask).flip(1).cumsum(1).flip(1)
     close(advantages, torch.where(mask, to_go - values, 0.0))
+
+
+def test_ppo_policy_loss_hand_values_and_gradients():
+    """ε = 0.2. ρ = 1.5, A = +1: max(−1.5, −1.2) = −1.2 (clipped: no gradient); ρ = 1.5, A = −1: max(1.5, 1.2)
+    = 1.5 (the pessimistic side keeps the gradient −A·ρ = 1.5); ρ = 0.5, A = +1: max(−0.5, −0.8) = −0.5
+    (gradient −0.5); ρ = 0.5, A = −1: max(0.5, 0.8) = 0.8 (clipped); ρ = 1.1, A = 2: −2.2 inside the range
+    (gradient −2.2). d ρ / d logps = ρ."""
+    ratios = t(1.5, 1.5, 0.5, 0.5, 1.1)
+    old = t(-1.0, -2.0, -0.5, -3.0, -1.5)
+    logps = (old + ratios.log()).requires_grad_(True)
+    loss, clipped = ppo_policy_loss(logps, old, t(1.0, -1.0, 1.0, -1.0, 2.0), clip_range=0.2)
+    close(loss, t(-1.2, 1.5, -0.5, 0.8, -2.2))
+    assert clipped.tolist() == [True, True, True, True, False]
+    loss.sum().backward()
+    close(logps.grad, t(0.0, 1.5, -0.5, 0.0, -2.2))
+
+
+def test_ppo_value_loss_hand_values():
+    """ε_v = 0.2. V = 1, V_old = 0.5, R = 1: V_clip = 0.7, ½·max(0, 0.09) = 0.045; V = 0.6, V_old = 0.5, R = 0:
+    inside the range, ½·0.36 = 0.18; V = 0, V_old = 0.5, R = 1: V_clip = 0.3, ½·max(1, 0.49) = 0.5."""
+    loss = ppo_value_loss(t(1.0, 0.6, 0.0), t(0.5, 0.5, 0.5), t(1.0, 0.0, 1.0), clip_range=0.2)
+    close(loss, t(0.045, 0.18, 0.5))
 
 
 def test_losses_import_only_torch():

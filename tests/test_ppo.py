@@ -153,7 +153,7 @@ def test_first_fit_rows_packs_longest_first_within_capacity():
 
 def test_reward_models_score_packed_rows_like_padded_ones(tmp_path, tiny_model_dir):
     """The scorer's padding-free, prompt-sharing rows give each response the score plain padding gives."""
-    from alignkit.train.ppo import Scorer
+    from alignkit.rewards import Scorer
 
     scorers = []
     for share in (True, False):
@@ -197,9 +197,10 @@ def test_stop_on_hacking_stops_at_the_flag_and_keeps_best(tmp_path, tiny_model_d
 def test_reward_models_score_what_was_sampled(tmp_path, tiny_model_dir):
     """A reward model with the policy's vocabulary scores the sampled ids; one read through text gets the same
     sequence back (EOS only after a finished response), and the EOS changes the score (it is seen)."""
+    from alignkit.data.collate import Tokenized
     from alignkit.data.tokenize import Encoder
     from alignkit.models.load import load_tokenizer
-    from alignkit.train.ppo import Scorer, Tokenized
+    from alignkit.rewards import Scorer
 
     tok = load_tokenizer(tiny_model_dir)
     scorer = Scorer(_cfg(tiny_model_dir, "unused", tmp_path, reward_model=tiny_model_dir, reward_fn=""),

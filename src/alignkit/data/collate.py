@@ -245,6 +245,21 @@ def collate_packed(groups: list[tuple[Tokenized, ...]], pad_id: int, seq_ids: li
         owner=owner_t[order], last_positions=last, margin=margin, num_tokens=sum(used_by_row))
 
 
+def pack_sequences(seqs: list[Tokenized], prompt_of: list, pad_id: int) -> PackedBatch:
+    """Sequences numbered 0..N-1 in one padding-free PackedBatch: consecutive sequences of the same prompt
+    (`prompt_of`) share a block, and blocks are bin-packed into rows no wider than the widest block."""
+    groups: list[list[int]] = []
+    for i, prompt in enumerate(prompt_of):
+        if groups and prompt_of[groups[-1][-1]] == prompt:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    blocks = [tuple(seqs[i] for i in g) for g in groups]
+    lengths = [group_length(b) for b in blocks]
+    rows = first_fit_rows(lengths, max(lengths))
+    return collate_packed(blocks, pad_id, groups, rows=rows)
+
+
 def collate_packed_pairs(pairs: list[TokenizedPair], pad_id: int) -> PackedBatch:
     """Pairs packed one per row; sequences numbered chosen 0..B-1, then rejected B..2B-1."""
     b = len(pairs)

@@ -8,7 +8,7 @@ from alignkit.losses.preference import (
     kto_loss,
     plackett_luce_loss,
 )
-from alignkit.losses.rl import KL_ESTIMATORS, gae, kl_penalty
+from alignkit.losses.rl import KL_ESTIMATORS, gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from alignkit.losses.sft import sft_token_loss
 
 __all__ = [
@@ -21,5 +21,7 @@ __all__ = [
     "kl_penalty",
     "kto_loss",
     "plackett_luce_loss",
+    "ppo_policy_loss",
+    "ppo_value_loss",
     "sft_token_loss",
 ]

@@ -56,3 +56,26 @@ def gae(
         advantages.append(next_advantage)
     advantages = torch.stack(advantages[::-1], dim=1)  # (B, T)
     return advantages, advantages + values
+
+
+def ppo_policy_loss(logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor,
+                    clip_range: float = 0.2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped surrogate of PPO (Schulman et al. 2017, eq. 7), per token, as a loss to minimise:
+
+        ρ = exp(logps − old_logps),  L = max(−A·ρ, −A·clip(ρ, 1 − ε, 1 + ε))
+
+    Returns (L, clipped) with the input's shape; `clipped` (bool) marks tokens where |ρ − 1| > ε.
+    Reduce L with the caller's mask (a mean over response tokens).
+    """
+    ratio = torch.exp(logps - old_logps)
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_range, 1 + clip_range))
+    return loss, (ratio.detach() - 1).abs() > clip_range
+
+
+def ppo_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor,
+                   clip_range: float = 0.2) -> torch.Tensor:
+    """Clipped value loss of PPO as in OpenAI's baselines and the RLHF implementations (Ziegler et al. 2019),
+    per token:  V_clip = V_old + clip(V − V_old, −ε_v, ε_v),  L = ½·max((V − R)², (V_clip − R)²).
+    """
+    clipped = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    return 0.5 * torch.max((values - returns) ** 2, (clipped - returns) ** 2)

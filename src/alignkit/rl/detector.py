@@ -1,4 +1,5 @@
-"""The reward-hacking detector (SPEC §8): flags over-optimisation from signals a user has without a gold reward.
+"""Reward-hacking monitors and the detector (SPEC §8), which flags over-optimisation from signals a user has
+without a gold reward.
 
 Signals, each on a moving average of the last `window` iterations and compared with its own baseline (the
 average of the first `window` iterations), so that the noise of one rollout cannot decide:
@@ -19,7 +20,24 @@ uninterrupted one would.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+import torch
+
+
+def distinct_2(responses: list[list[int]]) -> float:
+    """Distinct bigrams / bigrams over a batch of token lists (Li et al. 2016): falls as responses repeat."""
+    bigrams = [tuple(r[i:i + 2]) for r in responses for i in range(len(r) - 1)]
+    return len(set(bigrams)) / max(1, len(bigrams))
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    """Pearson correlation (0 when either side is constant): reward vs length, the classic hacking signal."""
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
+    return float((x * y).sum()) / denom if denom > 0 else 0.0
+
 
 
 @dataclass

@@ -13,7 +13,6 @@ the same rollouts.
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import sys
@@ -21,19 +20,11 @@ import time
 
 import torch
 
-from alignkit.data.collate import (
-    PackedBatch,
-    Tokenized,
-    collate_packed,
-    collate_sequences,
-    first_fit_rows,
-    group_length,
-    to_device,
-)
+from alignkit.data.collate import PackedBatch, Tokenized, pack_sequences, to_device
 from alignkit.data.rows import plain_text
 from alignkit.data.tokenize import Encoder
 from alignkit.errors import TrainingError, UserError
-from alignkit.losses.rl import gae, kl_penalty
+from alignkit.losses.rl import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from alignkit.models.load import (
     apply_lora,
     default_device,
@@ -44,8 +35,9 @@ from alignkit.models.load import (
     save_pretrained_atomic,
     training_dtypes,
 )
-from alignkit.models.logps import packed_target_logps, packed_token_values, reward_scores
-from alignkit.rl.detector import HackingDetector
+from alignkit.models.logps import packed_target_logps, packed_token_values
+from alignkit.rewards import Scorer, load_reward_fn, same_vocabulary
+from alignkit.rl.detector import HackingDetector, distinct_2, pearson
 from alignkit.rl.ops import masked_whiten
 from alignkit.rl.rollout import generate
 from alignkit.rl.shaping import (
@@ -67,111 +59,11 @@ from alignkit.train.loop import (
 )
 
 
-def load_reward_fn(spec: str):
-    """`python:module:function` (or `module:function`) → f(prompts, responses) -> list[float]."""
-    spec = spec[len("python:"):] if spec.startswith("python:") else spec
-    module, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError, ValueError) as e:
-        raise UserError(f'field "reward_fn": cannot load {spec!r} ({e})') from None
-
-
-class Scorer:
-    """Scores responses with reward models and/or a rule; reports the ensemble's spread.
-
-    A reward model that shares the policy's vocabulary scores exactly the sampled tokens (an unfinished
-    response has no EOS, as it was sampled); one with another tokenizer scores the text, encoded as it was
-    trained (chat template for conversational prompts; EOS only after a finished response). The rule gets
-    plain-text prompts.
-    """
-
-    def __init__(self, cfg, paths: list[str] | None = None, use_rule: bool = True, policy_tokenizer=None):
-        if paths is None:
-            paths = list(cfg.reward_models) + ([cfg.reward_model] if cfg.reward_model else [])
-        self.models = []
-        for path in paths:
-            tok = load_tokenizer(path, cfg.trust_remote_code)
-            same = policy_tokenizer is not None and same_vocabulary(policy_tokenizer, tok)
-            model = load_reward_model(path, tok, cfg.dtype, cfg.trust_remote_code).eval().requires_grad_(False)
-            self.models.append((model, tok, Encoder(tok, 100_000, 50_000), same))
-        self.prefix_sharing = [cfg.prefix_sharing] * len(self.models)
-        self.rule = load_reward_fn(cfg.reward_fn) if cfg.reward_fn and use_rule else None
-        self.ensemble, self.uwo_lambda = cfg.ensemble, cfg.uwo_lambda
-
-    def _sequences(self, enc, same, prompts, responses, finished, sampled):
-        if same and sampled is not None:
-            return list(sampled)
-        seqs = []
-        for prompt, response, done in zip(prompts, responses, finished):
-            ids = enc.response_ids(prompt, response)
-            if not done and ids and ids[-1] == enc.eos_id:
-                ids = ids[:-1]
-            seqs.append(enc.join(enc.prompt_ids(prompt), ids))
-        return seqs
-
-    @torch.no_grad()
-    def __call__(self, prompts: list, responses: list[str], finished: list[bool] | None = None,
-                 sampled: list[Tokenized] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(scores (N,), ensemble spread (N,) or None). `prompts` as in the data (text or messages),
-        `sampled` the policy's token sequences (prompt + sampled response) for same-vocabulary models."""
-        finished = finished if finished is not None else [True] * len(prompts)
-        total = torch.zeros(len(prompts))
-        spread = None
-        if self.models:
-            per_model = []
-            keys = [json.dumps(p) if not isinstance(p, str) else p for p in prompts]
-            for m, (model, tok, enc, same) in enumerate(self.models):
-                seqs = self._sequences(enc, same, prompts, responses, finished, sampled)
-                scores = None
-                if self.prefix_sharing[m]:  # padding-free, a prompt's samples sharing one block
-                    try:
-                        packed = pack_sequences(seqs, keys, tok.pad_token_id)
-                        scores = reward_scores(model, to_device(packed, default_device()))
-                    except ValueError:  # an architecture the score shortcut does not reproduce: pad instead
-                        self.prefix_sharing[m] = False
-                if scores is None:
-                    scores = reward_scores(model, to_device(collate_sequences(seqs, tok.pad_token_id), default_device()))
-                per_model.append(scores.float().cpu())
-            scores = torch.stack(per_model)                                               # (M, N)
-            spread = scores.std(0) if len(per_model) > 1 else None
-            if self.ensemble == "min":
-                total += scores.min(0).values
-            elif self.ensemble == "uwo" and len(per_model) > 1:
-                total += scores.mean(0) - self.uwo_lambda * scores.var(0)
-            else:
-                total += scores.mean(0)
-        if self.rule is not None:
-            texts = [p if isinstance(p, str) else plain_text(p) for p in prompts]
-            values = self.rule(texts, responses)
-            if len(values) != len(prompts):
-                raise UserError(f"reward_fn returned {len(values)} scores for {len(prompts)} responses")
-            total += torch.tensor([float(v) for v in values])
-        return total, spread
-
-
-def same_vocabulary(a, b) -> bool:
-    """Whether tokenizer `b` gives every token of tokenizer `a` the same id (it may have extra tokens)."""
-    other = b.get_vocab()
-    return all(other.get(token) == i for token, i in a.get_vocab().items())
-
-
 def check_same_vocabulary(policy_tokenizer, other_tokenizer, path: str) -> None:
     """The value model reads the policy's token ids, so its tokenizer must give every token the same id."""
     if not same_vocabulary(policy_tokenizer, other_tokenizer):
         raise UserError(f"{path}: the value model's vocabulary differs from the policy's (it reads the policy's "
                         "token ids); set value_model to a model with the policy's tokenizer, e.g. the policy itself")
-
-
-def distinct_2(responses: list[list[int]]) -> float:
-    bigrams = [tuple(r[i:i + 2]) for r in responses for i in range(len(r) - 1)]
-    return len(set(bigrams)) / max(1, len(bigrams))
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    denom = math.sqrt(float((x * x).sum() * (y * y).sum()))
-    return float((x * y).sum()) / denom if denom > 0 else 0.0
 
 
 class RolloutPacker:
@@ -192,21 +84,6 @@ class RolloutPacker:
 
     def __call__(self, indices: list[int]) -> PackedBatch:
         return pack_sequences([self.seqs[i] for i in indices], [self.prompt_of[i] for i in indices], self.pad_id)
-
-
-def pack_sequences(seqs: list[Tokenized], prompt_of: list, pad_id: int) -> PackedBatch:
-    """Sequences numbered 0..N-1 in one padding-free PackedBatch: consecutive sequences of the same prompt
-    (`prompt_of`) share a block, and blocks are bin-packed into rows no wider than the widest block."""
-    groups: list[list[int]] = []
-    for i, prompt in enumerate(prompt_of):
-        if groups and prompt_of[groups[-1][-1]] == prompt:
-            groups[-1].append(i)
-        else:
-            groups.append([i])
-    blocks = [tuple(seqs[i] for i in g) for g in groups]
-    lengths = [group_length(b) for b in blocks]
-    rows = first_fit_rows(lengths, max(lengths))
-    return collate_packed(blocks, pad_id, groups, rows=rows)
 
 
 def scatter_tokens(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -258,17 +135,14 @@ def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, everything: P
                 if advantages is None:  # the single-update case: these are the rollout-time values
                     old_values = scatter_tokens(v.detach(), mask)
                     advantages, returns = advantages_from(old_values)
-            ratio = torch.exp(logps - flat(old_logps))
-            adv = flat(advantages)
-            pg_loss = torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.clip_range, 1 + cfg.clip_range)).mean()
+            token_pg_loss, clipped = ppo_policy_loss(logps, flat(old_logps), flat(advantages), cfg.clip_range)
+            pg_loss = token_pg_loss.mean()  # over the minibatch's response tokens
             loss = pg_loss
             if cfg.algo == "grpo":  # KL to the reference in the loss (k3, as in DeepSeekMath)
                 loss = loss + kl_coef * kl_penalty(logps, flat(ref_logps), "k3").mean()
             v_loss = torch.zeros((), device=device)
             if v is not None:
-                old_v, ret = flat(old_values), flat(returns)
-                v_clipped = old_v + (v - old_v).clamp(-cfg.value_clip_range, cfg.value_clip_range)
-                v_loss = 0.5 * torch.max((v - ret) ** 2, (v_clipped - ret) ** 2).mean()
+                v_loss = ppo_value_loss(v, flat(old_values), flat(returns), cfg.value_clip_range).mean()
                 loss = loss + cfg.vf_coef * v_loss
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -277,7 +151,7 @@ def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, everything: P
                 optimizer.step()
             stats["policy_loss"].append(float(pg_loss.detach()))
             stats["value_loss"].append(float(v_loss.detach()))
-            stats["clipfrac"].append(float(((ratio.detach() - 1).abs() > cfg.clip_range).float().mean()))
+            stats["clipfrac"].append(float(clipped.float().mean()))
             stats["entropy"].append(float(entropy[0].mean()))
             stats["grad_norm"].append(float(norm))
     optimizer.zero_grad(set_to_none=True)
