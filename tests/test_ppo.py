@@ -41,7 +41,8 @@ def test_each_algorithm_raises_the_rule_reward(tmp_path, tiny_model_dir, prompts
     assert final - first >= 0.08, (first, final)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference policy
     for key in ("kl", "kl_coef", "response_length", "entropy", "clipfrac", "policy_loss", "value_loss",
-                "hacking/length_ratio", "hacking/reward_length_corr", "hacking/distinct_2"):
+                "hacking/length_ratio", "hacking/reward_length_corr", "hacking/distinct_2", "hacking/repetition",
+                "hacking/flag"):
         assert all(key in x and x[key] == x[key] for x in m), key  # logged and finite
     assert (out / "final" / "model.safetensors").is_file()
 
@@ -192,6 +193,12 @@ def test_stop_on_hacking_stops_at_the_flag_and_keeps_best(tmp_path, tiny_model_d
     assert m[-1]["step"] == record["flag_step"] < 80
     assert m[-1]["hacking/flag"] == 1.0 and all(x["hacking/flag"] == 0.0 for x in m[:-1])
     assert (out / "best" / "model.safetensors").is_file() and (out / "final" / "model.safetensors").is_file()
+    evaluations = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evaluations] == [1, record["flag_step"]]
+    from alignkit.examples import GOOD
+
+    assert evaluations[-1]["rising_tokens"][0]["token"] in GOOD  # what the policy learned to say more
+    assert m[-1]["hacking/repetition"] > m[0]["hacking/repetition"]
 
 
 def test_reward_models_score_what_was_sampled(tmp_path, tiny_model_dir):

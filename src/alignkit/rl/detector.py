@@ -32,6 +32,29 @@ def distinct_2(responses: list[list[int]]) -> float:
     return len(set(bigrams)) / max(1, len(bigrams))
 
 
+def repetition_rate(responses: list[list[int]]) -> float:
+    """Share of response tokens that repeat an earlier token of the same response (0 = none repeats)."""
+    tokens = sum(len(r) for r in responses)
+    return sum(len(r) - len(set(r)) for r in responses) / max(1, tokens)
+
+
+def token_frequencies(responses: list[list[int]]) -> dict[int, float]:
+    """Each token's share of all response tokens."""
+    counts: dict[int, int] = {}
+    for r in responses:
+        for token in r:
+            counts[token] = counts.get(token, 0) + 1
+    total = max(1, sum(counts.values()))
+    return {token: n / total for token, n in counts.items()}
+
+
+def rising_tokens(start: dict, now: dict, k: int = 10) -> list[tuple[int, float]]:
+    """The k tokens whose share of responses rose most since `start` (the first rollout, i.e. the reference
+    policy): "what the policy learned to say more". (token, rise) pairs, largest rise first."""
+    rise = {t: f - start.get(t, 0.0) for t, f in now.items()}
+    return sorted(((t, r) for t, r in rise.items() if r > 0), key=lambda x: -x[1])[:k]
+
+
 def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
     """Pearson correlation (0 when either side is constant): reward vs length, the classic hacking signal."""
     x, y = x.double() - x.double().mean(), y.double() - y.double().mean()

@@ -13,6 +13,7 @@ the same rollouts.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sys
@@ -37,7 +38,14 @@ from alignkit.models.load import (
 )
 from alignkit.models.logps import packed_target_logps, packed_token_values
 from alignkit.rewards import Scorer, load_reward_fn, same_vocabulary
-from alignkit.rl.detector import HackingDetector, distinct_2, pearson
+from alignkit.rl.detector import (
+    HackingDetector,
+    distinct_2,
+    pearson,
+    repetition_rate,
+    rising_tokens,
+    token_frequencies,
+)
 from alignkit.rl.ops import masked_whiten
 from alignkit.rl.rollout import generate
 from alignkit.rl.shaping import (
@@ -158,6 +166,59 @@ def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, everything: P
     return {k: sum(v) / len(v) for k, v in stats.items()}
 
 
+def measure(cfg, policy, reference, value, everything: PackedBatch, rollout, mask, compute_dtype, single: bool):
+    """(old_logps, ref_logps, old_values), each (N, R) in response space; old_values is None for rloo/grpo and,
+    with `single` (one update on the rollout), for ppo too: the update's own value forward supplies them."""
+    device = mask.device
+    with torch.no_grad(), autocast_context(compute_dtype):
+        policy.eval()
+        if single:  # the sampler's log-probs: same weights, same temperature, same numbers as a forward
+            old_logps = scatter_tokens(rollout.logps[rollout.response_mask].to(device), mask)
+        else:
+            old_logps = scatter_tokens(packed_target_logps(policy, everything, cfg.temperature), mask)
+        if reference is not None:
+            ref_logps = scatter_tokens(packed_target_logps(reference, everything, cfg.temperature), mask)
+        else:  # LoRA: the reference is the policy with its adapters disabled
+            with policy.disable_adapter():
+                ref_logps = scatter_tokens(packed_target_logps(policy, everything, cfg.temperature), mask)
+        old_values = None
+        if value is not None and not single:
+            old_values = scatter_tokens(packed_token_values(value, everything), mask)
+        policy.train()
+    return old_logps, ref_logps, old_values
+
+
+def compute_advantages(cfg, values, *, scores, old_logps, ref_logps, mask, kl_coef):
+    """(advantages, returns) of a rollout, (N, R) each (returns None without a value model).
+
+    ppo:  r_t = −β·KL_t, plus the score at the last token; optional reward whitening; GAE on the
+          rollout-time `values`; advantages whitened.
+    rloo: leave-one-out baseline on score − β·Σ_t KL_t within each prompt's group, broadcast to its tokens.
+    grpo: (score − group mean) / group std, broadcast; its KL goes into the loss instead.
+    """
+    if cfg.algo == "ppo":
+        rewards, _ = shape_rewards(scores, old_logps, ref_logps, mask, kl_coef, cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = gae(rewards, values.float(), mask, cfg.gamma, cfg.gae_lambda)
+        return masked_whiten(advantages, mask).detach(), returns.detach()
+    if cfg.algo == "rloo":
+        token_kl = torch.where(mask, kl_penalty(old_logps, ref_logps, cfg.kl_estimator), 0.0)
+        seq_adv = rloo_advantages(scores - kl_coef * token_kl.sum(-1), cfg.samples_per_prompt)
+    else:
+        seq_adv = grpo_advantages(scores, cfg.samples_per_prompt)
+    return torch.where(mask, seq_adv.unsqueeze(1).expand_as(mask), 0.0), None
+
+
+def write_samples(path, step: int, prompts: list[str], responses: list[str], scores, tokenizer, rising) -> None:
+    """Append one evaluation to samples.jsonl: eight prompt/response/score samples and the tokens whose share
+    rose most since the first rollout (what the policy learned to say more)."""
+    samples = [{"prompt": p, "response": r, "score": float(s)} for p, r, s in list(zip(prompts, responses, scores))[:8]]
+    learned = [{"token": tokenizer.decode([t]), "rise": round(r, 4)} for t, r in rising]
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, "samples": samples, "rising_tokens": learned}) + "\n")
+
+
 def train_ppo(cfg) -> dict:
     quiet_transformers()
     seed_everything(cfg.seed)
@@ -234,39 +295,11 @@ def train_ppo(cfg) -> dict:
         # one update on the rollout (1 epoch, 1 minibatch): the old log-probs and values are those of the current
         # weights, so they come from the sampler and from the update's own value forward, not extra passes
         single = cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
-        with torch.no_grad(), autocast_context(compute_dtype):
-            policy.eval()
-            if single:  # same temperature, same numbers as a forward (ratio 1 at the update)
-                old_logps = scatter_tokens(rollout.logps[rollout.response_mask].to(device), mask)
-            else:
-                old_logps = scatter_tokens(packed_target_logps(policy, everything, cfg.temperature), mask)
-            if reference is not None:
-                ref_logps = scatter_tokens(packed_target_logps(reference, everything, cfg.temperature), mask)
-            else:
-                with policy.disable_adapter():
-                    ref_logps = scatter_tokens(packed_target_logps(policy, everything, cfg.temperature), mask)
-            old_values = None
-            if value is not None and not single:
-                old_values = scatter_tokens(packed_token_values(value, everything), mask)
-            policy.train()
-        token_kl = torch.where(mask, kl_penalty(old_logps, ref_logps, cfg.kl_estimator), 0.0)
+        old_logps, ref_logps, old_values = measure(cfg, policy, reference, value, everything, rollout, mask,
+                                                   compute_dtype, single)
         seq_kl = torch.where(mask, old_logps - ref_logps, 0.0).sum(-1)                  # (N,) k1 sequence KL
-
-        def advantages_from(values, scores=scores, old_logps=old_logps, ref_logps=ref_logps, mask=mask,
-                            token_kl=token_kl, kl_coef=kl_coef):
-            """(advantages, returns) of the rollout; `values` (N, R) are the rollout-time values (ppo)."""
-            if cfg.algo == "ppo":
-                rewards, _ = shape_rewards(scores, old_logps, ref_logps, mask, kl_coef, cfg.kl_estimator)
-                if cfg.whiten_rewards:
-                    rewards = masked_whiten(rewards, mask, shift_mean=False)
-                advantages, returns = gae(rewards, values.float(), mask, cfg.gamma, cfg.gae_lambda)
-                return masked_whiten(advantages, mask).detach(), returns.detach()
-            if cfg.algo == "rloo":
-                seq_adv = rloo_advantages(scores - kl_coef * token_kl.sum(-1), k)
-            else:
-                seq_adv = grpo_advantages(scores, k)
-            return torch.where(mask, seq_adv.unsqueeze(1).expand_as(mask), 0.0), None
-
+        advantages_from = functools.partial(compute_advantages, cfg, scores=scores, old_logps=old_logps,
+                                            ref_logps=ref_logps, mask=mask, kl_coef=kl_coef)
         stats = ppo_update(cfg, policy, value, optimizer, pack, everything, mask, old_logps, ref_logps,
                            advantages_from, old_values, kl_coef, compute_dtype, step)
         scheduler.step()
@@ -277,12 +310,13 @@ def train_ppo(cfg) -> dict:
         mean_len = float(lengths.float().mean())
         if state["first_length"] is None:
             state["first_length"] = max(mean_len, 1e-6)
+            state["first_tokens"] = {str(t): f for t, f in token_frequencies(responses).items()}
         last = {**stats, "reward/score": float(raw_scores.mean()), "reward/shaped": float(scores.mean()),
                 "kl": mean_kl, "kl_coef": kl_coef, "response_length": mean_len,
                 "lr": scheduler.get_last_lr()[0],
                 "hacking/length_ratio": mean_len / state["first_length"],
                 "hacking/reward_length_corr": pearson(raw_scores, lengths.float()),
-                "hacking/distinct_2": distinct_2(responses),
+                "hacking/distinct_2": distinct_2(responses), "hacking/repetition": repetition_rate(responses),
                 "eos_rate": float(rollout.finished.float().mean()), "elapsed_s": time.perf_counter() - started}
         if spread is not None:
             last["hacking/ensemble_std"] = float(spread.mean())
@@ -307,11 +341,10 @@ def train_ppo(cfg) -> dict:
             stop = cfg.stop_on_hacking
         if step % cfg.log_every == 0 or step == steps or stop:
             log.log(step, last)
-        if step % max(1, cfg.eval_every or 10**9) == 0:
-            samples = [{"prompt": p, "response": r, "score": float(s)}
-                       for p, r, s in list(zip(prompt_texts, response_texts, raw_scores))[:8]]
-            with open(run.path / "samples.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "samples": samples}) + "\n")
+        if step == 1 or step == steps or stop or (cfg.eval_every and step % cfg.eval_every == 0):
+            write_samples(run.path / "samples.jsonl", step, prompt_texts, response_texts, raw_scores, tokenizer,
+                          rising_tokens({int(t): f for t, f in state["first_tokens"].items()},
+                                        token_frequencies(responses)))
         if cfg.save_every and step % cfg.save_every == 0 and step < steps:
             run.save_checkpoint(step, modules, optimizer, scheduler, state, cfg.keep_checkpoints)
         print(f"iteration {step}/{steps}: score {last['reward/score']:.3f} kl {mean_kl:.3f}", file=sys.stderr)
