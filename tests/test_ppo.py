@@ -230,3 +230,14 @@ def test_reward_models_score_what_was_sampled(tmp_path, tiny_model_dir):
     by_text, _ = scorer(prompts, responses, finished, sampled)
     torch.testing.assert_close(by_ids, by_text, rtol=1e-5, atol=1e-5)
     assert abs(float(by_ids[0] - by_ids[1])) > 1e-4 and abs(float(by_ids[2] - by_ids[3])) > 1e-4
+
+
+def test_lora_policy_uses_its_disabled_adapters_as_the_reference(tmp_path, tiny_model_dir, prompts_file):
+    """With LoRA there is no second model: the reference is the policy with adapters off. LoRA starts as the
+    identity (B = 0), so the first iteration's KL is 0; later ones are not, and final/ is a merged model."""
+    out = tmp_path / "lora"
+    train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo="grpo", lora_r=4, lora_alpha=8, max_steps=4, lr=1e-2))
+    m = _metrics(out)
+    assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert any(abs(x["kl"]) > 1e-4 for x in m[1:])
+    assert (out / "final" / "model.safetensors").is_file() and not (out / "final" / "adapter_config.json").exists()

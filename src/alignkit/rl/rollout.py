@@ -58,7 +58,10 @@ def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _forward_kwargs(model) -> tuple[str, bool]:
-    params = inspect.signature(model.forward).parameters
+    """The KV-cache keyword (`cache` in transformers 5, `past_key_values` before) and whether the model can
+    skip the logits of all but the last position (read on the base model: PEFT's wrapper takes **kwargs)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    params = inspect.signature(base.forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
