@@ -241,3 +241,14 @@ def test_lora_policy_uses_its_disabled_adapters_as_the_reference(tmp_path, tiny_
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert any(abs(x["kl"]) > 1e-4 for x in m[1:])
     assert (out / "final" / "model.safetensors").is_file() and not (out / "final" / "adapter_config.json").exists()
+
+
+def test_a_nan_reward_stops_the_run_after_max_bad_steps(tmp_path, tiny_model_dir, prompts_file, monkeypatch):
+    """Non-finite updates are skipped, counted, and end the run with a TrainingError after max_bad_steps."""
+    from alignkit.errors import TrainingError
+
+    (tmp_path / "nan_reward.py").write_text("def f(prompts, responses):\n    return [float('nan')] * len(prompts)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(TrainingError, match="2 non-finite iterations in a row"):
+        train_ppo(_cfg(tiny_model_dir, prompts_file, tmp_path / "nan", algo="rloo", reward_fn="python:nan_reward:f",
+                       max_bad_steps=2, max_steps=10))

@@ -117,6 +117,7 @@ def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, everything: P
     device = mask.device
     n = mask.shape[0]
     stats = {"policy_loss": [], "value_loss": [], "clipfrac": [], "entropy": [], "grad_norm": []}
+    skipped = 0
     params = [p for p in list(policy.parameters()) + (list(value.parameters()) if value is not None else [])
               if p.requires_grad]
     g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
@@ -157,13 +158,16 @@ def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, everything: P
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
             if torch.isfinite(norm) and torch.isfinite(loss):
                 optimizer.step()
+            else:  # a non-finite loss or gradient: this minibatch's step is skipped (the caller counts them)
+                skipped += 1
+                continue
             stats["policy_loss"].append(float(pg_loss.detach()))
             stats["value_loss"].append(float(v_loss.detach()))
             stats["clipfrac"].append(float(clipped.float().mean()))
             stats["entropy"].append(float(entropy[0].mean()))
             stats["grad_norm"].append(float(norm))
     optimizer.zero_grad(set_to_none=True)
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    return {**{k: sum(v) / len(v) if v else float("nan") for k, v in stats.items()}, "skipped_minibatches": skipped}
 
 
 def measure(cfg, policy, reference, value, everything: PackedBatch, rollout, mask, compute_dtype, single: bool):
@@ -258,7 +262,7 @@ def train_ppo(cfg) -> dict:
              "detector": detector.state()}
     start = 0
     if checkpoint is not None:
-        state = RunDir.load_checkpoint(checkpoint, modules, optimizer, scheduler)
+        state = {**state, **RunDir.load_checkpoint(checkpoint, modules, optimizer, scheduler)}
         start = state.pop("step")
         state.pop("rng", None)
         kl_coef = state["kl_coef"]
@@ -270,6 +274,10 @@ def train_ppo(cfg) -> dict:
     last: dict = {}
     started = time.perf_counter()
     k = cfg.samples_per_prompt
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=steps, initial=start, desc=f"alignkit ppo ({cfg.algo})", unit="it", disable=None,
+               dynamic_ncols=True, file=sys.stderr)
     step = start
     for step in range(start + 1, steps + 1):
         batch_prompts = [prompts[i] for i in order.batch(step - 1)]
@@ -303,6 +311,20 @@ def train_ppo(cfg) -> dict:
         stats = ppo_update(cfg, policy, value, optimizer, pack, everything, mask, old_logps, ref_logps,
                            advantages_from, old_values, kl_coef, compute_dtype, step)
         scheduler.step()
+        if stats.pop("skipped_minibatches"):
+            state["consecutive_bad"] += 1
+            state["skipped_steps"] += 1
+            print(f"iteration {step}: non-finite loss or gradient, update skipped "
+                  f"({state['consecutive_bad']} in a row)", file=sys.stderr)
+            if state["consecutive_bad"] >= cfg.max_bad_steps:
+                bar.close()
+                log.close()
+                good = run.checkpoint_steps()
+                where = f"last good checkpoint: {run.checkpoints / f'step-{good[-1]}'}" if good else "no checkpoint"
+                raise TrainingError(f"{state['consecutive_bad']} non-finite iterations in a row at iteration {step} "
+                                    f"(lower the learning rate; check the reward for NaN); {where}")
+        else:
+            state["consecutive_bad"] = 0
         mean_kl = float(seq_kl.mean())
         if controller is not None:
             kl_coef = controller.update(mean_kl, len(responses))
@@ -311,7 +333,8 @@ def train_ppo(cfg) -> dict:
         if state["first_length"] is None:
             state["first_length"] = max(mean_len, 1e-6)
             state["first_tokens"] = {str(t): f for t, f in token_frequencies(responses).items()}
-        last = {**stats, "reward/score": float(raw_scores.mean()), "reward/shaped": float(scores.mean()),
+        last = {**stats, "skipped_steps": state["skipped_steps"],
+                "reward/score": float(raw_scores.mean()), "reward/shaped": float(scores.mean()),
                 "kl": mean_kl, "kl_coef": kl_coef, "response_length": mean_len,
                 "lr": scheduler.get_last_lr()[0],
                 "hacking/length_ratio": mean_len / state["first_length"],
@@ -345,12 +368,14 @@ def train_ppo(cfg) -> dict:
             write_samples(run.path / "samples.jsonl", step, prompt_texts, response_texts, raw_scores, tokenizer,
                           rising_tokens({int(t): f for t, f in state["first_tokens"].items()},
                                         token_frequencies(responses)))
-        if cfg.save_every and step % cfg.save_every == 0 and step < steps:
+        if cfg.save_every and step % cfg.save_every == 0 and step < steps and state["consecutive_bad"] == 0:
             run.save_checkpoint(step, modules, optimizer, scheduler, state, cfg.keep_checkpoints)
-        print(f"iteration {step}/{steps}: score {last['reward/score']:.3f} kl {mean_kl:.3f}", file=sys.stderr)
+        bar.update(1)
+        bar.set_postfix(score=f"{last['reward/score']:.3f}", kl=f"{mean_kl:.3f}")
         if stop:
             print(f"alignkit ppo: stopping at iteration {step} (stop_on_hacking)", file=sys.stderr)
             break
+    bar.close()
     log.close()
     save_pretrained_atomic(policy, tokenizer, run.final, cfg.lora_save)
     run.mark_done(step=step, metrics=last, loop_seconds=time.perf_counter() - started,
