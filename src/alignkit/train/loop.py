@@ -404,6 +404,25 @@ def _run_id(run: RunDir) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- fit
+def count_bad_steps(state: dict, finite: bool, step: int, max_bad_steps: int, run, closing=(), unit: str = "step",
+                    hint: str = "lower the learning rate") -> None:
+    """Keep `state`'s count of skipped (non-finite) steps; after `max_bad_steps` in a row, close `closing` and
+    stop with a TrainingError that names the last good checkpoint."""
+    if finite:
+        state["consecutive_bad"] = 0
+        return
+    state["consecutive_bad"] += 1
+    state["skipped_steps"] += 1
+    print(f"{unit} {step}: non-finite loss or gradient, update skipped ({state['consecutive_bad']} in a row)",
+          file=sys.stderr)
+    if state["consecutive_bad"] >= max_bad_steps:
+        for thing in closing:
+            thing.close()
+        good = run.checkpoint_steps()
+        where = f"last good checkpoint: {run.checkpoints / f'step-{good[-1]}'}" if good else "no checkpoint"
+        raise TrainingError(f"{state['consecutive_bad']} non-finite {unit}s in a row at {unit} {step} ({hint}); {where}")
+
+
 def fit(cfg, task: Task) -> dict:
     """Train `task` as `cfg` says; return the last logged metrics. Resumes from the newest checkpoint."""
     from alignkit.models.load import training_dtypes
@@ -471,20 +490,11 @@ def fit(cfg, task: Task) -> dict:
                    for k in range(first, first + cfg.grad_accum)]
         metrics = train_step(model, optimizer, scheduler, batches, task, cfg.max_grad_norm, compute_dtype)
         window_tokens += sum(task.tokens(b) for b in batches)
-        if metrics.pop("finite"):
-            state["consecutive_bad"] = 0
+        finite = metrics.pop("finite")
+        if finite:
             window.append(metrics)
-        else:
-            state["consecutive_bad"] += 1
-            state["skipped_steps"] += 1
-            print(f"step {step}: non-finite loss or gradient, step skipped "
-                  f"({state['consecutive_bad']} in a row)", file=sys.stderr)
-            if state["consecutive_bad"] >= cfg.max_bad_steps:
-                log.close()
-                good = run.checkpoint_steps()
-                where = f"last good checkpoint: {run.checkpoints / f'step-{good[-1]}'}" if good else "no checkpoint"
-                raise TrainingError(f"{state['consecutive_bad']} non-finite steps in a row at step {step} "
-                                    f"(lower the learning rate, check the data); {where}")
+        count_bad_steps(state, finite, step, cfg.max_bad_steps, run, closing=(bar, log), unit="step",
+                        hint="lower the learning rate, check the data")
         bar.update(1)
         record: dict = {}
         if step % cfg.log_every == 0 or step == steps:

@@ -63,6 +63,7 @@ from alignkit.train.loop import (
     autocast_context,
     build_optimizer,
     build_scheduler,
+    count_bad_steps,
     seed_everything,
 )
 
@@ -311,20 +312,8 @@ def train_ppo(cfg) -> dict:
         stats = ppo_update(cfg, policy, value, optimizer, pack, everything, mask, old_logps, ref_logps,
                            advantages_from, old_values, kl_coef, compute_dtype, step)
         scheduler.step()
-        if stats.pop("skipped_minibatches"):
-            state["consecutive_bad"] += 1
-            state["skipped_steps"] += 1
-            print(f"iteration {step}: non-finite loss or gradient, update skipped "
-                  f"({state['consecutive_bad']} in a row)", file=sys.stderr)
-            if state["consecutive_bad"] >= cfg.max_bad_steps:
-                bar.close()
-                log.close()
-                good = run.checkpoint_steps()
-                where = f"last good checkpoint: {run.checkpoints / f'step-{good[-1]}'}" if good else "no checkpoint"
-                raise TrainingError(f"{state['consecutive_bad']} non-finite iterations in a row at iteration {step} "
-                                    f"(lower the learning rate; check the reward for NaN); {where}")
-        else:
-            state["consecutive_bad"] = 0
+        count_bad_steps(state, not stats.pop("skipped_minibatches"), step, cfg.max_bad_steps, run, closing=(bar, log),
+                        unit="iteration", hint="lower the learning rate; check the reward for NaN")
         mean_kl = float(seq_kl.mean())
         if controller is not None:
             kl_coef = controller.update(mean_kl, len(responses))
