@@ -252,3 +252,18 @@ def test_a_nan_reward_stops_the_run_after_max_bad_steps(tmp_path, tiny_model_dir
     with pytest.raises(TrainingError, match="2 non-finite iterations in a row"):
         train_ppo(_cfg(tiny_model_dir, prompts_file, tmp_path / "nan", algo="rloo", reward_fn="python:nan_reward:f",
                        max_bad_steps=2, max_steps=10))
+
+
+def test_held_out_prompts_are_evaluated_at_the_start_every_eval_every_and_at_the_end(tmp_path, tiny_model_dir,
+                                                                                   prompts_file):
+    out = tmp_path / "evals"
+    train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo="grpo", max_steps=5, eval_every=2, eval_fraction=0.1,
+                   eval_samples_per_prompt=2, gold_fn=RULE, lr=3e-3))
+    m = _metrics(out)
+    evals = [x for x in m if "eval/reward/gold" in x]
+    assert [x["step"] for x in evals] == [0, 2, 4, 5]
+    assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # the start policy is the reference
+    assert evals[-1]["eval/kl"] != evals[0]["eval/kl"]
+    for x in evals:
+        assert {"eval/reward/score", "eval/response_length"} <= set(x)
+    assert len([x for x in m if x["step"] == 2]) == 1  # one object per step: training and eval metrics together

@@ -193,6 +193,7 @@ class PPOConfig(TrainConfig):
     num_minibatches: int = option(1, "Minibatches per pass.")
     rollout_batch_size: int = option(16, "Prompts per iteration.")
     samples_per_prompt: int = option(1, "Completions per prompt (the group for rloo/grpo; at least 2 there).")
+    eval_samples_per_prompt: int = option(0, "Completions per held-out prompt (eval_data or eval_fraction) at each evaluation; 0 = samples_per_prompt.")
     heldout_reward_models: tuple[str, ...] = option((), "Reward models scored but never trained on (reward/heldout); the detector flags when they disagree with the training reward.")
     stop_on_hacking: bool = option(False, "Stop the run when the reward-hacking detector flags (best/ keeps the policy at the flag either way).")
     hacking_kl_budget: float = option(0.0, "Detector: flag when the mean sequence KL exceeds this (nats); 0 = no budget.")

@@ -46,6 +46,7 @@ from alignkit.rl.detector import (
     rising_tokens,
     token_frequencies,
 )
+from alignkit.rl.evaluate import evaluate_policy
 from alignkit.rl.ops import masked_whiten
 from alignkit.rl.rollout import generate
 from alignkit.rl.shaping import (
@@ -228,9 +229,10 @@ def train_ppo(cfg) -> dict:
     quiet_transformers()
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    _, rows, _ = load_train_eval(cfg, "auto")
+    _, rows, eval_rows = load_train_eval(cfg, "auto")
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     prompts = [(row.prompt, encoder.prompt_ids(row.prompt, row.source)) for row in rows]
+    eval_prompts = [(row.prompt, encoder.prompt_ids(row.prompt, row.source)) for row in eval_rows]
     scorer = Scorer(cfg, policy_tokenizer=tokenizer)
     heldout = (Scorer(cfg, list(cfg.heldout_reward_models), use_rule=False, policy_tokenizer=tokenizer)
                if cfg.heldout_reward_models else None)
@@ -275,6 +277,17 @@ def train_ppo(cfg) -> dict:
     last: dict = {}
     started = time.perf_counter()
     k = cfg.samples_per_prompt
+
+    def held_out_evaluation() -> dict:
+        """eval/* metrics on the held-out prompts, sampled as in training with the same seed every time."""
+        ev = evaluate_policy(policy, tokenizer, eval_prompts, reference=reference, scorer=scorer, gold=gold,
+                             samples_per_prompt=cfg.eval_samples_per_prompt or k, max_new_tokens=cfg.max_new_tokens,
+                             temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed * 1_000_003 + 999_983,
+                             compute_dtype=compute_dtype)
+        return {f"eval/{name}": v for name, v in ev.summary().items()}
+
+    if start == 0 and eval_prompts and cfg.eval_every > 0:
+        log.log(0, held_out_evaluation())
     from tqdm.auto import tqdm
 
     bar = tqdm(total=steps, initial=start, desc=f"alignkit ppo ({cfg.algo})", unit="it", disable=None,
@@ -351,7 +364,9 @@ def train_ppo(cfg) -> dict:
             print(f"alignkit ppo: reward hacking flagged at iteration {step}: {'; '.join(detector.reasons)}; "
                   f"the policy at the flag is in {run.path / 'best'}", file=sys.stderr)
             stop = cfg.stop_on_hacking
-        if step % cfg.log_every == 0 or step == steps or stop:
+        if eval_prompts and (step == steps or stop or (cfg.eval_every and step % cfg.eval_every == 0)):
+            last.update(held_out_evaluation())
+        if step % cfg.log_every == 0 or step == steps or stop or any(key.startswith("eval/") for key in last):
             log.log(step, last)
         if step == 1 or step == steps or stop or (cfg.eval_every and step % cfg.eval_every == 0):
             write_samples(run.path / "samples.jsonl", step, prompt_texts, response_texts, raw_scores, tokenizer,

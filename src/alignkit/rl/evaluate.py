@@ -1,0 +1,95 @@
+"""Evaluate a policy on held-out prompts, sampled as in training: the reward models' score, a gold reward where
+one exists, the sequence KL to a reference policy, and the response length (SPEC §6–§8).
+
+Every evaluation of a run uses the same sampling seed (common random numbers), so two evaluations differ by
+what the policy learned, not by the luck of the draw.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from alignkit.data.collate import Tokenized, pack_sequences, to_device
+from alignkit.data.rows import plain_text
+from alignkit.models.logps import packed_target_logps
+from alignkit.rl.rollout import generate
+from alignkit.train.loop import autocast_context
+
+
+@dataclass
+class PolicyEvaluation:
+    prompts: list[str]              # plain-text prompt of each sample
+    responses: list[str]
+    response_ids: list[list[int]]   # the sampled tokens (EOS included when the response finished)
+    lengths: torch.Tensor           # (N,) response tokens (EOS included)
+    kl: torch.Tensor                # (N,) k1 sequence KL: Σ_t log π(y_t) − log π_ref(y_t) at the sampled tokens
+    proxy: torch.Tensor | None      # (N,) the scorer's score (reward models and/or rule)
+    gold: torch.Tensor | None       # (N,) the gold reward
+
+    def summary(self) -> dict:
+        out = {"kl": float(self.kl.mean()), "response_length": float(self.lengths.float().mean())}
+        if self.proxy is not None:
+            out["reward/score"] = float(self.proxy.mean())
+        if self.gold is not None:
+            out["reward/gold"] = float(self.gold.mean())
+        return out
+
+
+@torch.no_grad()
+def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], *, reference=None, scorer=None,
+                    gold=None, samples_per_prompt: int = 1, max_new_tokens: int = 32, temperature: float = 1.0,
+                    top_p: float = 1.0, seed: int = 0, batch_size: int = 256, compute_dtype=None) -> PolicyEvaluation:
+    """Sample `samples_per_prompt` responses for each (prompt, prompt_ids) and measure them.
+
+    `reference`: the model the KL is measured against; None = the policy with its LoRA adapters disabled (a
+    policy without adapters then has KL 0). `scorer`: an `alignkit.rewards.Scorer` (or None); `gold`:
+    f(prompts, responses) -> list[float] (or None). Sampling is seeded by `seed` alone.
+    """
+    device = next(policy.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    chunk = max(1, batch_size // samples_per_prompt)
+    was_training = policy.training
+    policy.eval()
+    texts, responses, response_ids, lengths, kls, proxies = [], [], [], [], [], []
+    for begin in range(0, len(prompts), chunk):
+        part = prompts[begin:begin + chunk]
+        raw = [p for p, _ in part for _ in range(samples_per_prompt)]
+        ids = [i for _, i in part for _ in range(samples_per_prompt)]
+        with autocast_context(compute_dtype):
+            rollout = generate(policy, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                               generator=generator)
+        sampled = [r[m].tolist() for r, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
+        words = [tokenizer.decode(r, skip_special_tokens=True) for r in sampled]
+        seqs = [Tokenized(p + r, [False] * len(p) + [True] * len(r)) for p, r in zip(ids, sampled)]
+        owner = [begin + i // samples_per_prompt for i in range(len(ids))]
+        batch = to_device(pack_sequences(seqs, owner, tokenizer.pad_token_id), device)
+        with autocast_context(compute_dtype):
+            if reference is not None:
+                ref_logps = packed_target_logps(reference, batch, temperature)
+            elif hasattr(policy, "disable_adapter"):
+                with policy.disable_adapter():
+                    ref_logps = packed_target_logps(policy, batch, temperature)
+            else:
+                ref_logps = None
+        policy_logps = rollout.logps[rollout.response_mask].to(device)        # (M,) in the same token order
+        if ref_logps is None:
+            ref_logps = policy_logps
+        per_token = (policy_logps.double() - ref_logps.double()).cpu()
+        counts = [len(r) for r in sampled]
+        kls.append(torch.stack([t.sum() for t in per_token.split(counts)]) if counts else torch.zeros(0))
+        if scorer is not None:
+            finished = rollout.finished.cpu().tolist()
+            proxies.append(scorer(raw, words, finished, seqs)[0])
+        texts += [p if isinstance(p, str) else plain_text(p) for p in raw]
+        responses += words
+        response_ids += sampled
+        lengths.append(torch.tensor(counts))
+    if was_training:
+        policy.train()
+    return PolicyEvaluation(
+        prompts=texts, responses=responses, response_ids=response_ids, lengths=torch.cat(lengths), kl=torch.cat(kls),
+        proxy=torch.cat(proxies) if scorer is not None else None,
+        gold=torch.tensor([float(v) for v in gold(texts, responses)]) if gold is not None else None)
