@@ -1,0 +1,264 @@
+"""`alignkit lab`: every method from the same SFT start and the same labelling budget, measured against the
+gold reward of the lab's world (SPEC §7).
+
+  base (cached)  → sft on annotator demonstrations
+  annotator pairs → reward model (the proxy) and an ensemble of reward models (same pairs, other seeds)
+  from sft: ppo (proxy − KL), ppo_no_kl (the hacking control), ppo_ensemble, dpo, ipo, kto, best-of-n
+  every policy: gold, proxy, KL to sft, length and gold win rate against sft, on held-out prompts
+
+The online runs use the `rl_algo` estimator of the preset (rloo by default: critic-free, so a run costs
+seconds), recorded in summary.json. Output: summary.json (SPEC §7) and report.html.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from alignkit.lab import world as W
+from alignkit.lab.base import base_model
+
+PRESETS = {
+    "quick": {"sft_demos": 2000, "pairs": 6000, "rm_epochs": 2, "ensemble_size": 3, "rl_algo": "rloo",
+              "rl_steps": 60, "rl_prompts": 64, "rl_samples": 4, "rl_lr": 3e-4, "kl_coef": 0.3, "eval_every": 5,
+              "eval_samples": 8, "bon_samples": 64, "bon_ns": (1, 2, 4, 8, 16, 32, 64), "beta": 0.5,
+              "direct_lr": 1e-4, "direct_epochs": 1},
+    "full": {"sft_demos": 4000, "pairs": 10000, "rm_epochs": 3, "ensemble_size": 4, "rl_algo": "rloo",
+             "rl_steps": 150, "rl_prompts": 64, "rl_samples": 4, "rl_lr": 3e-4, "kl_coef": 0.3, "eval_every": 5,
+             "eval_samples": 16, "bon_samples": 128, "bon_ns": (1, 2, 4, 8, 16, 32, 64, 128), "beta": 0.5,
+             "direct_lr": 1e-4, "direct_epochs": 2},
+}
+SHORT = {"max_length": 32, "max_prompt_length": 16, "resume": "never"}
+GOLD_FN = "python:alignkit.lab.world:gold_reward"
+SHOWN_BON = 4  # the best-of-n listed among the methods; summary.json's curves.bon has every n
+
+
+@dataclass
+class Lab:
+    out: Path
+    seed: int
+    preset: dict
+    quiet: bool = True
+    timings: dict = field(default_factory=dict)
+
+    def stage(self, name: str):
+        """Times a stage, prints one line for it and keeps the trainers' own output quiet."""
+        lab = self
+
+        class _Stage(contextlib.ContextDecorator):
+            def __enter__(self):
+                self.start = time.perf_counter()
+                print(f"lab: {name} ...", file=sys.stderr, flush=True)
+                self.sinks = contextlib.ExitStack()
+                if lab.quiet:
+                    self.sinks.enter_context(contextlib.redirect_stderr(io.StringIO()))
+                    self.sinks.enter_context(contextlib.redirect_stdout(io.StringIO()))
+                return self
+
+            def __exit__(self, *exc):
+                self.sinks.close()
+                lab.timings[name] = round(time.perf_counter() - self.start, 1)
+                if exc[0] is None:
+                    print(f"lab: {name} done in {lab.timings[name]:.0f} s", file=sys.stderr, flush=True)
+                return False
+
+        return _Stage()
+
+
+def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", cache: str | None = None,
+            quiet: bool = True) -> dict:
+    import torch
+
+    from alignkit.config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
+    from alignkit.examples import write_jsonl
+    from alignkit.train.dpo import train_dpo
+    from alignkit.train.kto import train_kto
+    from alignkit.train.ppo import train_ppo
+    from alignkit.train.reward import train_reward
+    from alignkit.train.sft import train_sft
+
+    if preset not in PRESETS:
+        from alignkit.errors import UserError
+
+        raise UserError(f'preset must be one of {", ".join(PRESETS)}, not "{preset}"')
+    started = time.perf_counter()
+    p = PRESETS[preset]
+    lab = Lab(Path(output_dir), seed, p, quiet)
+    out = lab.out
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    with lab.stage("base model"):
+        base = str(base_model(cache, quiet=True))
+    train_prompts, heldout = W.split_prompts(seed)
+    data = {
+        "sft": write_jsonl(out / "data" / "sft.jsonl", W.sft_rows(train_prompts, p["sft_demos"], seed)),
+        "pairs": write_jsonl(out / "data" / "pairs.jsonl", W.pairwise_rows(train_prompts, p["pairs"], seed)),
+        "prompts": write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": q} for q in train_prompts]),
+        "heldout": write_jsonl(out / "data" / "heldout.jsonl", [{"prompt": q} for q in heldout]),
+    }
+    common = {"seed": seed, **SHORT}
+    with lab.stage("sft"):
+        train_sft(SFTConfig(model=base, data=(str(data["sft"]),), output_dir=str(out / "sft"), epochs=1, batch_size=8,
+                            lr=1e-3, log_every=25, **common))
+    sft = str(out / "sft" / "final")
+    rms = []
+    for i in range(p["ensemble_size"]):
+        name = "reward_model" if i == 0 else f"reward_model_{i}"
+        with lab.stage(name):
+            train_reward(RewardConfig(model=sft, data=(str(data["pairs"]),), output_dir=str(out / name),
+                                      epochs=p["rm_epochs"], batch_size=32, lr=1e-3, log_every=25,
+                                      **{**common, "seed": seed * 1000 + i}))
+        rms.append(str(out / name / "final"))
+
+    rl = {"model": sft, "data": (str(data["prompts"]),), "eval_data": (str(data["heldout"]),), "algo": p["rl_algo"],
+          "gold_fn": GOLD_FN, "max_steps": p["rl_steps"], "rollout_batch_size": p["rl_prompts"],
+          "samples_per_prompt": p["rl_samples"], "max_new_tokens": 10, "lr": p["rl_lr"],
+          "eval_every": p["eval_every"], "eval_samples_per_prompt": p["eval_samples"], "save_every": 0,
+          "log_every": 1, **common}
+    online = {"ppo": {"reward_model": rms[0], "kl_coef": p["kl_coef"]},
+              "ppo_no_kl": {"reward_model": rms[0], "kl_coef": 0.0},
+              "ppo_ensemble": {"reward_models": tuple(rms), "ensemble": "uwo", "kl_coef": p["kl_coef"]}}
+    for name, extra in online.items():
+        with lab.stage(name):
+            train_ppo(PPOConfig(output_dir=str(out / name), **rl, **extra))
+    direct = {"model": sft, "data": (str(data["pairs"]),), "beta": p["beta"], "lr": p["direct_lr"],
+              "epochs": p["direct_epochs"], "batch_size": 16, "log_every": 25, **common}
+    with lab.stage("dpo"):
+        train_dpo(DPOConfig(output_dir=str(out / "dpo"), loss="sigmoid", **direct))
+    with lab.stage("ipo"):
+        train_dpo(DPOConfig(output_dir=str(out / "ipo"), loss="ipo", **direct))
+    with lab.stage("kto"):
+        train_kto(KTOConfig(output_dir=str(out / "kto"), **direct))
+
+    torch.manual_seed(seed)
+    with lab.stage("evaluation"):
+        proxy = PPOConfig(model=sft, data=(str(data["heldout"]),), reward_model=rms[0])  # how the proxy scores
+        evaluator = Evaluator(sft, proxy, heldout, p["eval_samples"], seed)
+        baseline = evaluator(sft)
+        methods = {"sft": summarise(baseline, baseline)}
+        for name in ("dpo", "ipo", "kto", *online):
+            methods[name] = summarise(evaluator(str(out / name / "final")), baseline)
+    with lab.stage("best-of-n"):
+        bon_curve, bon_methods, bon_fit = best_of_n(evaluator, p["bon_samples"], p["bon_ns"], baseline)
+        methods.update(bon_methods)
+    curves = {name: read_curve(out / name) for name in online}
+    curves["bon"] = bon_curve
+    hacking = {name: hacking_summary(out / name, curves[name]) for name in online}
+    summary = {"preset": preset, "seed": seed, "elapsed_s": round(time.perf_counter() - started, 1),
+               "rl_algo": p["rl_algo"], "methods": methods, "curves": curves, "hacking": hacking,
+               "bon_fit": bon_fit, "timings_s": lab.timings}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    from alignkit.lab.report import write_report
+
+    write_report(summary, out / "report.html")
+    print(f"lab: done in {summary['elapsed_s']:.0f} s; {out / 'summary.json'} and {out / 'report.html'}",
+          file=sys.stderr)
+    return summary
+
+
+class Evaluator:
+    """Samples a policy on the held-out prompts (as in training: temperature 1, same seed for every policy) and
+    measures proxy, gold, KL to the SFT policy and length."""
+
+    def __init__(self, sft: str, proxy_cfg, prompts: list[str], samples: int, seed: int):
+        from alignkit.models.load import load_causal_lm, load_tokenizer
+        from alignkit.rewards import Scorer
+
+        self.tokenizer = load_tokenizer(sft)
+        self.reference = load_causal_lm(sft, for_training=False).eval()
+        self.scorer = Scorer(proxy_cfg, policy_tokenizer=self.tokenizer)
+        self.prompts = [(q, self.tokenizer(q).input_ids) for q in prompts]
+        self.samples, self.seed, self.sft = samples, seed, sft
+
+    def __call__(self, model_dir: str, samples: int | None = None):
+        from alignkit.models.load import load_causal_lm
+        from alignkit.rl.evaluate import evaluate_policy
+
+        policy = load_causal_lm(model_dir, for_training=False).eval()
+        return evaluate_policy(policy, self.tokenizer, self.prompts, reference=self.reference, scorer=self.scorer,
+                               gold=W.gold_reward, samples_per_prompt=samples or self.samples, max_new_tokens=10,
+                               seed=self.seed * 1_000_003 + 999_983, batch_size=512)
+
+
+def win_rate(gold, baseline_gold) -> float:
+    """Share of paired samples (same prompt, same draw index) where the method's gold beats the baseline's; ties
+    count half."""
+    wins = (gold > baseline_gold).float() + 0.5 * (gold == baseline_gold).float()
+    return float(wins.mean())
+
+
+def summarise(ev, baseline) -> dict:
+    s = ev.summary()
+    return {"gold": s["reward/gold"], "proxy": s["reward/score"], "kl": s["kl"], "length": s["response_length"],
+            "win_rate_vs_sft": win_rate(ev.gold, baseline.gold)}
+
+
+def best_of_n(evaluator: Evaluator, samples: int, ns, baseline) -> tuple[list, dict, dict]:
+    """Best-of-n against the proxy, from the SFT policy: for each n, the unbiased estimate over `samples` draws
+    per prompt of the chosen response's gold, proxy, length and gold win rate against an SFT sample; then the
+    gold gain over n = 1 fitted to d(α − βd) with d = √KL (Gao et al. 2022)."""
+    import torch
+
+    from alignkit.bon import best_of_n_weights, fit_bon_curve, kl_bound
+
+    ev = evaluator(evaluator.sft, samples)
+    count = len(evaluator.prompts)
+    proxy, gold = ev.proxy.view(count, samples), ev.gold.view(count, samples)
+    lengths = ev.lengths.view(count, samples).float()
+    sft_gold = baseline.gold.view(count, -1)
+    # (P, S): chance that each draw beats a random SFT sample of its prompt under gold (ties half)
+    beats = ((gold.unsqueeze(-1) > sft_gold.unsqueeze(1)).float()
+             + 0.5 * (gold.unsqueeze(-1) == sft_gold.unsqueeze(1)).float()).mean(-1)
+    curve = []
+    for n in (n for n in ns if n <= samples):
+        weights = torch.tensor([best_of_n_weights(row.tolist(), n) for row in proxy])         # (P, S)
+        point = {"n": n, "kl": kl_bound(n), "gold": float((weights * gold).sum(-1).mean()),
+                 "proxy": float((weights * proxy).sum(-1).mean()),
+                 "length": float((weights * lengths).sum(-1).mean()),
+                 "win_rate_vs_sft": float((weights * beats).sum(-1).mean())}
+        curve.append(point)
+    methods = {f"bon_{c['n']}": {k: v for k, v in c.items() if k != "n"} for c in curve if c["n"] == SHOWN_BON}
+    fit = fit_bon_curve([math.sqrt(c["kl"]) for c in curve], [c["gold"] - curve[0]["gold"] for c in curve])
+    return curve, methods, fit
+
+
+def read_curve(run: Path) -> list[dict]:
+    """Per evaluation of an online run: step, KL, gold, proxy and length on the held-out prompts."""
+    curve = []
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        m = json.loads(line)
+        if "eval/reward/gold" in m:
+            curve.append({"step": m["step"], "kl": m["eval/kl"], "gold": m["eval/reward/gold"],
+                          "proxy": m["eval/reward/score"], "length": m["eval/response_length"]})
+    return curve
+
+
+def smoothed(values: list[float], window: int = 3) -> list[float]:
+    """Trailing moving average over `window` evaluations (fewer at the start)."""
+    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+            for i in range(len(values))]
+
+
+def hacking_summary(run: Path, curve: list[dict]) -> dict:
+    """Whether the detector flagged the run (it never reads gold), when, where gold peaked (3-evaluation moving
+    average) and which step the run would keep (the flag's, else the last)."""
+    done = json.loads((run / "final" / "alignkit_run.json").read_text())
+    flag = (done.get("hacking") or {})
+    gold = smoothed([c["gold"] for c in curve])
+    peak = curve[max(range(len(curve)), key=gold.__getitem__)]["step"] if curve else None
+    return {"flagged": bool(flag.get("flagged")), "flag_step": flag.get("flag_step"), "peak_gold_step": peak,
+            "chosen_step": flag.get("flag_step") if flag.get("flagged") else (curve[-1]["step"] if curve else None),
+            "reasons": flag.get("reasons", [])}
+
+
+def gain_kept(curve: list[dict]) -> float:
+    """Final smoothed gold gain over the first evaluation as a share of the peak smoothed gain (nan if no gain)."""
+    gold = smoothed([c["gold"] for c in curve])
+    gains = [g - curve[0]["gold"] for g in gold]
+    peak = max(gains)
+    return gains[-1] / peak if peak > 0 else math.nan

@@ -1,0 +1,80 @@
+"""Dependency-free SVG charts for HTML reports: line and scatter plots with axes, ticks, a legend and optional
+vertical markers. Enough to read a curve; not a plotting library."""
+
+from __future__ import annotations
+
+import html
+import math
+
+PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#7f7f7f",
+           "#bcbd22"]
+
+
+def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
+    if hi <= lo:
+        return [lo]
+    raw = (hi - lo) / count
+    step = 10 ** math.floor(math.log10(raw))
+    for m in (1, 2, 5, 10):
+        if raw <= m * step:
+            step *= m
+            break
+    first = math.ceil(lo / step) * step
+    return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
+
+
+def chart(series: list[dict], *, title: str, xlabel: str, ylabel: str, width: int = 520, height: int = 320,
+          vlines: list[dict] | None = None) -> str:
+    """An SVG chart. Each series: {"label", "x": [...], "y": [...], "style": "line" | "points" | "both"}.
+    `vlines`: [{"x": value, "label": text}] drawn as dashed vertical markers."""
+    xs = [x for s in series for x in s["x"]] + [v["x"] for v in vlines or []]
+    ys = [y for s in series for y in s["y"]]
+    finite = [y for y in ys if y == y and abs(y) != math.inf]
+    if not xs or not finite:
+        return f"<p><em>{html.escape(title)}: no data</em></p>"
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(finite), max(finite)
+    if x1 == x0:
+        x0, x1 = x0 - 1, x1 + 1
+    pad = (y1 - y0) * 0.08 or 1.0
+    y0, y1 = y0 - pad, y1 + pad
+    left, right, top, bottom = 58, 130, 28, 42
+    plot_w, plot_h = width - left - right, height - top - bottom
+
+    def px(x: float) -> float:
+        return left + (x - x0) / (x1 - x0) * plot_w
+
+    def py(y: float) -> float:
+        return top + (1 - (y - y0) / (y1 - y0)) * plot_h
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+           f'font-size="11"><rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{left}" y="16" font-size="13" font-weight="bold">{html.escape(title)}</text>',
+           f'<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#999"/>']
+    for t in _ticks(x0, x1):
+        out.append(f'<line x1="{px(t):.1f}" x2="{px(t):.1f}" y1="{top + plot_h}" y2="{top + plot_h + 4}" stroke="#999"/>'
+                   f'<text x="{px(t):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{t:g}</text>')
+    for t in _ticks(y0, y1):
+        out.append(f'<line x1="{left - 4}" x2="{left + plot_w}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#eee"/>'
+                   f'<text x="{left - 6}" y="{py(t) + 4:.1f}" text-anchor="end">{t:.3g}</text>')
+    out.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
+    out.append(f'<text transform="translate(14,{top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
+               f'{html.escape(ylabel)}</text>')
+    for v in vlines or []:
+        out.append(f'<line x1="{px(v["x"]):.1f}" x2="{px(v["x"]):.1f}" y1="{top}" y2="{top + plot_h}" '
+                   f'stroke="#555" stroke-dasharray="4,3"/><text x="{px(v["x"]) + 3:.1f}" y="{top + 11}" '
+                   f'fill="#555">{html.escape(v.get("label", ""))}</text>')
+    for i, s in enumerate(series):
+        color = s.get("color", PALETTE[i % len(PALETTE)])
+        pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y == y and abs(y) != math.inf]
+        style = s.get("style", "line")
+        if style in ("line", "both") and len(pts) > 1:
+            path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)
+            out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
+        if style in ("points", "both"):
+            out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.2" fill="{color}"/>' for x, y in pts]
+        ly = top + 12 + 15 * i
+        out.append(f'<rect x="{left + plot_w + 10}" y="{ly - 8}" width="10" height="10" fill="{color}"/>'
+                   f'<text x="{left + plot_w + 24}" y="{ly + 1}">{html.escape(str(s["label"]))}</text>')
+    out.append("</svg>")
+    return "".join(out)

@@ -1,0 +1,46 @@
+"""`alignkit lab` end to end on a shrunken preset: every method runs, summary.json has SPEC §7's shape, and
+report.html holds the plots. (The lab's scientific properties need the real presets: see docs/lab.md.)"""
+
+import json
+
+import pytest
+
+import alignkit.lab.base as base
+import alignkit.lab.run as lab_run
+from alignkit.cli import main
+
+TINY = {"sft_demos": 200, "pairs": 300, "rm_epochs": 1, "ensemble_size": 2, "rl_algo": "rloo", "rl_steps": 4,
+        "rl_prompts": 8, "rl_samples": 2, "rl_lr": 3e-4, "kl_coef": 0.3, "eval_every": 2, "eval_samples": 2,
+        "bon_samples": 8, "bon_ns": (1, 2, 4, 8), "beta": 0.5, "direct_lr": 1e-4, "direct_epochs": 1}
+
+
+@pytest.mark.slow
+def test_lab_end_to_end_writes_summary_and_report(tmp_path, monkeypatch):
+    monkeypatch.setitem(base.PRETRAIN, "lines", 400)
+    monkeypatch.setitem(lab_run.PRESETS, "quick", TINY)
+    monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
+    assert main(["lab", "--seed", "3", "--output-dir", str(tmp_path / "lab")]) == 0
+    summary = json.loads((tmp_path / "lab" / "summary.json").read_text())
+    assert summary["preset"] == "quick" and summary["seed"] == 3 and summary["elapsed_s"] > 0
+    methods = summary["methods"]
+    assert set(methods) == {"sft", "dpo", "ipo", "kto", "ppo", "ppo_no_kl", "ppo_ensemble", "bon_4"}
+    for m in methods.values():
+        assert set(m) == {"gold", "proxy", "kl", "length", "win_rate_vs_sft"}
+        assert all(v == v for v in m.values())
+    assert methods["sft"]["kl"] == pytest.approx(0.0, abs=1e-5) and methods["sft"]["win_rate_vs_sft"] == 0.5
+    curves = summary["curves"]
+    for name in ("ppo", "ppo_no_kl", "ppo_ensemble"):
+        assert [c["step"] for c in curves[name]] == [0, 2, 4]
+        assert set(curves[name][0]) == {"step", "kl", "gold", "proxy", "length"}
+        assert set(summary["hacking"][name]) >= {"flagged", "flag_step", "peak_gold_step", "chosen_step"}
+    assert [c["n"] for c in curves["bon"]] == [1, 2, 4, 8]
+    assert curves["bon"][0]["kl"] == 0.0 and curves["bon"][2]["kl"] == pytest.approx(1.3862944 - 0.75)
+    assert set(summary["bon_fit"]) == {"alpha", "beta", "r2"}
+    report = (tmp_path / "lab" / "report.html").read_text()
+    assert report.count("<svg") >= 5 and "ppo_no_kl" in report
+
+
+def test_lab_rejects_an_unknown_preset(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["lab", "--preset", "huge"])
+    assert e.value.code == 2
