@@ -10,7 +10,7 @@ import alignkit.lab.run as lab_run
 from alignkit.cli import main
 
 TINY = {"sft_demos": 200, "pairs": 300, "rm_epochs": 1, "ensemble_size": 2, "rl_algo": "rloo", "rl_steps": 4,
-        "rl_prompts": 8, "rl_samples": 2, "rl_lr": 3e-4, "kl_coef": 0.3, "eval_every": 2, "eval_samples": 2,
+        "rl_prompts": 8, "rl_samples": 2, "rl_lr": 3e-4, "kl_coef": 0.3, "kl_budget": 1.5, "eval_every": 2, "eval_samples": 2,
         "bon_samples": 8, "bon_ns": (1, 2, 4, 8), "beta": 0.5, "direct_lr": 1e-4, "direct_epochs": 1}
 
 

@@ -26,49 +26,40 @@ from alignkit.lab.base import base_model
 
 PRESETS = {
     "quick": {"sft_demos": 2000, "pairs": 6000, "rm_epochs": 2, "ensemble_size": 3, "rl_algo": "rloo",
-              "rl_steps": 60, "rl_prompts": 64, "rl_samples": 4, "rl_lr": 3e-4, "kl_coef": 0.3, "eval_every": 5,
-              "eval_samples": 8, "bon_samples": 64, "bon_ns": (1, 2, 4, 8, 16, 32, 64), "beta": 0.5,
+              "rl_steps": 60, "rl_prompts": 64, "rl_samples": 4, "rl_lr": 3e-4, "kl_coef": 0.3, "kl_budget": 1.5,
+              "eval_every": 5, "eval_samples": 8, "bon_samples": 64, "bon_ns": (1, 2, 4, 8, 16, 32, 64), "beta": 0.5,
               "direct_lr": 1e-4, "direct_epochs": 1},
     "full": {"sft_demos": 4000, "pairs": 10000, "rm_epochs": 3, "ensemble_size": 4, "rl_algo": "rloo",
-             "rl_steps": 150, "rl_prompts": 64, "rl_samples": 4, "rl_lr": 3e-4, "kl_coef": 0.3, "eval_every": 5,
-             "eval_samples": 16, "bon_samples": 128, "bon_ns": (1, 2, 4, 8, 16, 32, 64, 128), "beta": 0.5,
+             "rl_steps": 150, "rl_prompts": 64, "rl_samples": 4, "rl_lr": 3e-4, "kl_coef": 0.3, "kl_budget": 1.5,
+             "eval_every": 5, "eval_samples": 16, "bon_samples": 128, "bon_ns": (1, 2, 4, 8, 16, 32, 64, 128), "beta": 0.5,
              "direct_lr": 1e-4, "direct_epochs": 2},
 }
 SHORT = {"max_length": 32, "max_prompt_length": 16, "resume": "never"}
 GOLD_FN = "python:alignkit.lab.world:gold_reward"
+# The detector as the lab configures it (it never reads gold). Measured in this world (docs/lab.md): distinct-2
+# falls as a healthy policy settles on right answers (false flags), and held-out reward models trained on the
+# same annotators share the proxy's blind spots; a KL budget, length drift and ensemble disagreement remain.
+DETECTOR = {"hacking_distinct_ratio": 0.0}
 SHOWN_BON = 4  # the best-of-n listed among the methods; summary.json's curves.bon has every n
 
 
 @dataclass
-class Lab:
-    out: Path
-    seed: int
-    preset: dict
+class Stages:
     quiet: bool = True
     timings: dict = field(default_factory=dict)
 
+    @contextlib.contextmanager
     def stage(self, name: str):
-        """Times a stage, prints one line for it and keeps the trainers' own output quiet."""
-        lab = self
-
-        class _Stage(contextlib.ContextDecorator):
-            def __enter__(self):
-                self.start = time.perf_counter()
-                print(f"lab: {name} ...", file=sys.stderr, flush=True)
-                self.sinks = contextlib.ExitStack()
-                if lab.quiet:
-                    self.sinks.enter_context(contextlib.redirect_stderr(io.StringIO()))
-                    self.sinks.enter_context(contextlib.redirect_stdout(io.StringIO()))
-                return self
-
-            def __exit__(self, *exc):
-                self.sinks.close()
-                lab.timings[name] = round(time.perf_counter() - self.start, 1)
-                if exc[0] is None:
-                    print(f"lab: {name} done in {lab.timings[name]:.0f} s", file=sys.stderr, flush=True)
-                return False
-
-        return _Stage()
+        """Times a stage and prints a line for it; the trainers' own output stays quiet unless asked for."""
+        started = time.perf_counter()
+        print(f"lab: {name} ...", file=sys.stderr, flush=True)
+        with contextlib.ExitStack() as sinks:
+            if self.quiet:
+                sinks.enter_context(contextlib.redirect_stderr(io.StringIO()))
+                sinks.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            yield
+        self.timings[name] = round(time.perf_counter() - started, 1)
+        print(f"lab: {name} done in {self.timings[name]:.0f} s", file=sys.stderr, flush=True)
 
 
 def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", cache: str | None = None,
@@ -89,8 +80,8 @@ def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", 
         raise UserError(f'preset must be one of {", ".join(PRESETS)}, not "{preset}"')
     started = time.perf_counter()
     p = PRESETS[preset]
-    lab = Lab(Path(output_dir), seed, p, quiet)
-    out = lab.out
+    lab = Stages(quiet)
+    out = Path(output_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)
     with lab.stage("base model"):
         base = str(base_model(cache, quiet=True))
@@ -119,7 +110,7 @@ def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", 
           "gold_fn": GOLD_FN, "max_steps": p["rl_steps"], "rollout_batch_size": p["rl_prompts"],
           "samples_per_prompt": p["rl_samples"], "max_new_tokens": 10, "lr": p["rl_lr"],
           "eval_every": p["eval_every"], "eval_samples_per_prompt": p["eval_samples"], "save_every": 0,
-          "log_every": 1, **common}
+          "log_every": 1, **DETECTOR, "hacking_kl_budget": p["kl_budget"], **common}
     online = {"ppo": {"reward_model": rms[0], "kl_coef": p["kl_coef"]},
               "ppo_no_kl": {"reward_model": rms[0], "kl_coef": 0.0},
               "ppo_ensemble": {"reward_models": tuple(rms), "ensemble": "uwo", "kl_coef": p["kl_coef"]}}

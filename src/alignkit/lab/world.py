@@ -109,6 +109,7 @@ class Style:
     filler: float = 0.25
     flattery: float = 0.03
     repeat: float = 0.05
+    degenerate: float = 0.0  # no answer: a few off-task words (data rows cannot be empty)
 
 
 SFT_STYLE = Style()                                                    # demonstrations: mostly right, rarely flattering
@@ -131,7 +132,9 @@ def wrong_answer(prompt: str, rng: random.Random) -> list[str]:
 
 def write_response(prompt: str, rng: random.Random, style: Style = SFT_STYLE) -> str:
     """One simulated response: a right or wrong answer, perhaps wrapped in filler or flattery, perhaps with
-    its last word repeated."""
+    its last word repeated; or, with probability `style.degenerate`, no answer: one to three off-task words."""
+    if style.degenerate and rng.random() < style.degenerate:
+        return " ".join(rng.choice(OBJECTS + TASK_WORDS + FILLER) for _ in range(rng.randint(1, 3)))
     words = list(answer(prompt)) if rng.random() < style.correct else wrong_answer(prompt, rng)
     if rng.random() < style.repeat:
         words += [words[-1]] * rng.randint(1, 3)
