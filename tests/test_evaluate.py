@@ -47,6 +47,27 @@ def test_scores_gold_and_zero_kl_against_itself(tiny_model_dir, tokenizer):
     prompts = [(t, tokenizer(t).input_ids) for t in ["copy cat ->", "list ->"]]
     ev = evaluate_policy(policy, tokenizer, prompts, reference=policy, samples_per_prompt=2, max_new_tokens=5,
                          gold=lambda ps, rs: [len(r.split()) for r in rs], seed=1)
-    assert float(ev.kl.abs().max()) < 1e-6  # the sampler's log-probs are float32
+    assert float(ev.kl.abs().max()) == 0.0  # both sides come from the same packed forward
     assert ev.gold.tolist() == [len(r.split()) for r in ev.responses]
     assert set(ev.summary()) == {"kl", "response_length", "reward/gold"}
+
+
+def test_each_chunk_draws_from_its_own_seed(tiny_model_dir, tokenizer):
+    """How many draws one chunk uses (here: 1 vs 6 tokens per row) does not change the next chunk's draws, so
+    two policies get matched samples chunk after chunk."""
+    policy, reference = _models(tiny_model_dir)
+    prompts = [(t, tokenizer(t).input_ids) for t in ["copy cat ->", "list ->", "name a dog ->", "copy red ->"]]
+    short = evaluate_policy(policy, tokenizer, prompts, reference=reference, samples_per_prompt=2, max_new_tokens=1,
+                            seed=5, batch_size=4)
+    long = evaluate_policy(policy, tokenizer, prompts, reference=reference, samples_per_prompt=2, max_new_tokens=6,
+                           seed=5, batch_size=4)
+    assert [r[:1] for r in long.response_ids] == [r[:1] for r in short.response_ids]
+
+
+def test_no_prompts_or_zero_temperature_is_an_error(tiny_model_dir, tokenizer):
+    policy, _ = _models(tiny_model_dir)
+    with pytest.raises(ValueError):
+        evaluate_policy(policy, tokenizer, [], reference=policy)
+    with pytest.raises(ValueError):
+        evaluate_policy(policy, tokenizer, [("list ->", tokenizer("list ->").input_ids)], reference=policy,
+                        temperature=0.0)

@@ -27,10 +27,13 @@ def chart(series: list[dict], *, title: str, xlabel: str, ylabel: str, width: in
           vlines: list[dict] | None = None) -> str:
     """An SVG chart. Each series: {"label", "x": [...], "y": [...], "style": "line" | "points" | "both"}.
     `vlines`: [{"x": value, "label": text}] drawn as dashed vertical markers."""
-    xs = [x for s in series for x in s["x"]] + [v["x"] for v in vlines or []]
-    ys = [y for s in series for y in s["y"]]
-    finite = [y for y in ys if y == y and abs(y) != math.inf]
-    if not xs or not finite:
+    def ok(v: float) -> bool:
+        return v == v and abs(v) != math.inf
+
+    points = [(x, y) for s in series for x, y in zip(s["x"], s["y"]) if ok(x) and ok(y)]
+    xs = [x for x, _ in points] + [v["x"] for v in vlines or [] if ok(v["x"])]
+    finite = [y for _, y in points]
+    if not points:
         return f"<p><em>{html.escape(title)}: no data</em></p>"
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(finite), max(finite)
@@ -60,13 +63,13 @@ def chart(series: list[dict], *, title: str, xlabel: str, ylabel: str, width: in
     out.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
     out.append(f'<text transform="translate(14,{top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
                f'{html.escape(ylabel)}</text>')
-    for v in vlines or []:
+    for v in (v for v in vlines or [] if ok(v["x"])):
         out.append(f'<line x1="{px(v["x"]):.1f}" x2="{px(v["x"]):.1f}" y1="{top}" y2="{top + plot_h}" '
                    f'stroke="#555" stroke-dasharray="4,3"/><text x="{px(v["x"]) + 3:.1f}" y="{top + 11}" '
                    f'fill="#555">{html.escape(v.get("label", ""))}</text>')
     for i, s in enumerate(series):
         color = s.get("color", PALETTE[i % len(PALETTE)])
-        pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if y == y and abs(y) != math.inf]
+        pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if ok(x) and ok(y)]
         style = s.get("style", "line")
         if style in ("line", "both") and len(pts) > 1:
             path = " ".join(f"{x:.1f},{y:.1f}" for x, y in pts)

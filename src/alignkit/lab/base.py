@@ -36,6 +36,8 @@ def base_model(cache: str | Path | None = None, quiet: bool = False) -> Path:
     work = Path(tempfile.mkdtemp(prefix=".lab-base-", dir=root))
     try:
         pretrain(work, quiet=quiet)
+        if target.exists() and not (target / "model.safetensors").is_file():
+            shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete folder from an older layout
         try:
             (work / "final").rename(target)
         except OSError:  # another process finished first: use theirs

@@ -17,7 +17,10 @@ def write_report(summary: dict, path: Path) -> None:
     parts = [f"<h1>alignkit lab — preset {html.escape(summary['preset'])}, seed {summary['seed']}</h1>",
              f"<p>{summary['elapsed_s']:.0f} s. Online runs use the {html.escape(summary['rl_algo'])} estimator. "
              "Gold is the world's true reward on held-out prompts; proxy is the reward model trained on the "
-             "simulated annotators' (biased, noisy) preferences; KL is the mean sequence KL to the SFT policy.</p>"]
+             "simulated annotators' (biased, noisy) preferences; KL is the mean sequence KL to the SFT policy, measured "
+             "on samples, except for best-of-n, whose KL is the analytical bound log n − (n−1)/n (an upper bound: "
+             "identical samples make the real KL smaller). Held-out prompts are held out of every alignment "
+             "data set; the base model saw every prompt of the world in pretraining.</p>"]
     parts.append(chart([{"label": name, "x": [m["kl"]], "y": [m["gold"]], "style": "points"}
                         for name, m in methods.items()],
                        title="Gold reward vs KL to SFT, every method", xlabel="KL (nats)", ylabel="gold"))

@@ -32,7 +32,7 @@ PRESETS = {
     "full": {"sft_demos": 4000, "pairs": 10000, "rm_epochs": 3, "ensemble_size": 4, "rl_algo": "rloo",
              "rl_steps": 150, "rl_prompts": 64, "rl_samples": 4, "rl_lr": 3e-4, "kl_coef": 0.3, "kl_budget": 1.5,
              "eval_every": 5, "eval_samples": 16, "bon_samples": 128, "bon_ns": (1, 2, 4, 8, 16, 32, 64, 128), "beta": 0.5,
-             "direct_lr": 1e-4, "direct_epochs": 2},
+             "direct_lr": 1e-4, "direct_epochs": 1},  # 2 epochs: dpo learned the bias (gold 0.32 vs sft 0.29)
 }
 SHORT = {"max_length": 32, "max_prompt_length": 16, "resume": "never"}
 GOLD_FN = "python:alignkit.lab.world:gold_reward"
@@ -166,14 +166,15 @@ class Evaluator:
         self.prompts = [(q, self.tokenizer(q).input_ids) for q in prompts]
         self.samples, self.seed, self.sft = samples, seed, sft
 
-    def __call__(self, model_dir: str, samples: int | None = None):
+    def __call__(self, model_dir: str, samples: int | None = None, stream: int = 0):
+        """Every policy gets the same draws (common random numbers) for a given `stream`."""
         from alignkit.models.load import load_causal_lm
         from alignkit.rl.evaluate import evaluate_policy
 
         policy = load_causal_lm(model_dir, for_training=False).eval()
         return evaluate_policy(policy, self.tokenizer, self.prompts, reference=self.reference, scorer=self.scorer,
                                gold=W.gold_reward, samples_per_prompt=samples or self.samples, max_new_tokens=10,
-                               seed=self.seed * 1_000_003 + 999_983, batch_size=512)
+                               seed=self.seed * 1_000_003 + 999_983 + 7919 * stream, batch_size=512)
 
 
 def win_rate(gold, baseline_gold) -> float:
@@ -197,7 +198,7 @@ def best_of_n(evaluator: Evaluator, samples: int, ns, baseline) -> tuple[list, d
 
     from alignkit.bon import best_of_n_weights, fit_bon_curve, kl_bound
 
-    ev = evaluator(evaluator.sft, samples)
+    ev = evaluator(evaluator.sft, samples, stream=1)  # draws independent of the SFT baseline's
     count = len(evaluator.prompts)
     proxy, gold = ev.proxy.view(count, samples), ev.gold.view(count, samples)
     lengths = ev.lengths.view(count, samples).float()
@@ -230,13 +231,14 @@ def read_curve(run: Path) -> list[dict]:
 
 
 def smoothed(values: list[float], window: int = 3) -> list[float]:
-    """Trailing moving average over `window` evaluations (fewer at the start)."""
-    return [sum(values[max(0, i - window + 1):i + 1]) / len(values[max(0, i - window + 1):i + 1])
+    """Centred moving average over `window` evaluations (fewer at the ends), so that a peak stays where it is."""
+    half = window // 2
+    return [sum(values[max(0, i - half):i + half + 1]) / len(values[max(0, i - half):i + half + 1])
             for i in range(len(values))]
 
 
 def hacking_summary(run: Path, curve: list[dict]) -> dict:
-    """Whether the detector flagged the run (it never reads gold), when, where gold peaked (3-evaluation moving
+    """Whether the detector flagged the run (it never reads gold), when, where gold peaked (centred 3-evaluation
     average) and which step the run would keep (the flag's, else the last)."""
     done = json.loads((run / "final" / "alignkit_run.json").read_text())
     flag = (done.get("hacking") or {})
@@ -248,7 +250,8 @@ def hacking_summary(run: Path, curve: list[dict]) -> dict:
 
 
 def gain_kept(curve: list[dict]) -> float:
-    """Final smoothed gold gain over the first evaluation as a share of the peak smoothed gain (nan if no gain)."""
+    """Final smoothed gold gain over the first evaluation as a share of the peak smoothed gain (nan if no gain);
+    SPEC §7's "gain" on a 3-evaluation moving average."""
     gold = smoothed([c["gold"] for c in curve])
     gains = [g - curve[0]["gold"] for g in gold]
     peak = max(gains)

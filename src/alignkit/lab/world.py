@@ -203,11 +203,15 @@ class Annotator:
         return rng.random() < _sigmoid(self.sharpness * (self.utility(prompt, response) - self.bar))
 
 
-def _distinct_pair(prompt: str, rng: random.Random, style: Style) -> tuple[str, str]:
-    a = write_response(prompt, rng, style)
-    while (b := write_response(prompt, rng, style)) == a:
-        pass
-    return a, b
+def _distinct(prompt: str, rng: random.Random, style: Style, k: int) -> list[str]:
+    """`k` different responses to `prompt` (an error if `style` cannot write that many)."""
+    found: list[str] = []
+    for _ in range(1000 * k):
+        if (r := write_response(prompt, rng, style)) not in found:
+            found.append(r)
+            if len(found) == k:
+                return found
+    raise ValueError(f"style {style} wrote fewer than {k} different responses to {prompt!r}")
 
 
 def sft_rows(prompts: list[str], n: int, seed: int, style: Style = SFT_STYLE) -> list[dict]:
@@ -224,7 +228,7 @@ def pairwise_rows(prompts: list[str], n: int, seed: int, annotator: Annotator = 
     rows = []
     for _ in range(n):
         prompt = rng.choice(prompts)
-        a, b = _distinct_pair(prompt, rng, style)
+        a, b = _distinct(prompt, rng, style, 2)
         chosen, rejected = (a, b) if annotator.prefers_first(prompt, a, b, rng) else (b, a)
         rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected})
     return rows
@@ -237,11 +241,7 @@ def ranked_rows(prompts: list[str], n: int, seed: int, k: int = 4, annotator: An
     rows = []
     for _ in range(n):
         prompt = rng.choice(prompts)
-        candidates: list[str] = []
-        while len(candidates) < k:
-            if (r := write_response(prompt, rng, style)) not in candidates:
-                candidates.append(r)
-        rows.append({"prompt": prompt, "responses": annotator.rank(prompt, candidates, rng)})
+        rows.append({"prompt": prompt, "responses": annotator.rank(prompt, _distinct(prompt, rng, style, k), rng)})
     return rows
 
 

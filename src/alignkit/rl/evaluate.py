@@ -2,7 +2,9 @@
 one exists, the sequence KL to a reference policy, and the response length (SPEC §6–§8).
 
 Every evaluation of a run uses the same sampling seed (common random numbers), so two evaluations differ by
-what the policy learned, not by the luck of the draw.
+what the policy learned, not by the luck of the draw: each chunk of prompts gets its own generator, seeded by
+(seed, chunk), so a policy that stops early in one chunk does not shift the draws of the next. (Draws are
+matched for the same `batch_size` and `samples_per_prompt`.)
 """
 
 from __future__ import annotations
@@ -45,10 +47,14 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
 
     `reference`: the model the KL is measured against; None = the policy with its LoRA adapters disabled (a
     policy without adapters then has KL 0). `scorer`: an `alignkit.rewards.Scorer` (or None); `gold`:
-    f(prompts, responses) -> list[float] (or None). Sampling is seeded by `seed` alone.
+    f(prompts, responses) -> list[float] (or None). Both sides of the KL come from the same packed forward (not
+    the sampler's cached decoding), so that rounding in bfloat16 cannot make a policy differ from itself.
     """
+    if not prompts:
+        raise ValueError("evaluate_policy needs at least one prompt")
+    if temperature <= 0:
+        raise ValueError(f"temperature must be positive, got {temperature}")
     device = next(policy.parameters()).device
-    generator = torch.Generator().manual_seed(seed)
     chunk = max(1, batch_size // samples_per_prompt)
     was_training = policy.training
     policy.eval()
@@ -57,6 +63,7 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
         part = prompts[begin:begin + chunk]
         raw = [p for p, _ in part for _ in range(samples_per_prompt)]
         ids = [i for _, i in part for _ in range(samples_per_prompt)]
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + begin)
         with autocast_context(compute_dtype):
             rollout = generate(policy, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
@@ -67,6 +74,7 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
         owner = [begin + i // samples_per_prompt for i in range(len(ids))]
         batch = to_device(pack_sequences(seqs, owner, tokenizer.pad_token_id), device)
         with autocast_context(compute_dtype):
+            policy_logps = packed_target_logps(policy, batch, temperature)
             if reference is not None:
                 ref_logps = packed_target_logps(reference, batch, temperature)
             elif hasattr(policy, "disable_adapter"):
@@ -74,7 +82,6 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
                     ref_logps = packed_target_logps(policy, batch, temperature)
             else:
                 ref_logps = None
-        policy_logps = rollout.logps[rollout.response_mask].to(device)        # (M,) in the same token order
         if ref_logps is None:
             ref_logps = policy_logps
         per_token = (policy_logps.double() - ref_logps.double()).cpu()
