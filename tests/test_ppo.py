@@ -267,3 +267,32 @@ def test_held_out_prompts_are_evaluated_at_the_start_every_eval_every_and_at_the
     for x in evals:
         assert {"eval/reward/score", "eval/response_length"} <= set(x)
     assert len([x for x in m if x["step"] == 2]) == 1  # one object per step: training and eval metrics together
+
+
+@pytest.mark.parametrize("compute_dtype", [None, torch.bfloat16])
+def test_old_log_probs_come_from_the_sampler_only_in_float32(tiny_model_dir, tokenizer, compute_dtype):
+    """One update per rollout reuses the sampler's log-probs in float32; under bf16 autocast they come from a
+    packed forward like the update's, so that the first ratio is exactly 1."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.models.logps import packed_target_logps
+    from alignkit.rl.rollout import generate
+    from alignkit.train.loop import autocast_context
+    from alignkit.train.ppo import RolloutPacker, measure, scatter_tokens
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    ids = [tokenizer("copy cat dog ->").input_ids] * 2 + [tokenizer("list ->").input_ids] * 2
+    rollout = generate(policy, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id, max_new_tokens=5,
+                       generator=torch.Generator().manual_seed(0))
+    responses = [r[m].tolist() for r, m in zip(rollout.response_ids, rollout.response_mask)]
+    everything = RolloutPacker(ids, responses, [0, 0, 1, 1], tokenizer.pad_token_id)([0, 1, 2, 3])
+    cfg = PPOConfig(model=tiny_model_dir, data=("x",), algo="rloo", samples_per_prompt=2, reward_fn=RULE)
+    old, ref, _ = measure(cfg, policy, policy, None, everything, rollout, rollout.response_mask, compute_dtype, True)
+    with torch.no_grad(), autocast_context(compute_dtype):
+        forward = scatter_tokens(packed_target_logps(policy, everything), rollout.response_mask)
+    if compute_dtype is None:
+        assert torch.equal(old, scatter_tokens(rollout.logps[rollout.response_mask], rollout.response_mask))
+        torch.testing.assert_close(old, forward, rtol=0, atol=1e-5)
+    else:
+        assert torch.equal(old, forward)
+    assert torch.equal(ref, forward)  # the reference here is the policy itself

@@ -174,11 +174,15 @@ def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, everything: P
 
 def measure(cfg, policy, reference, value, everything: PackedBatch, rollout, mask, compute_dtype, single: bool):
     """(old_logps, ref_logps, old_values), each (N, R) in response space; old_values is None for rloo/grpo and,
-    with `single` (one update on the rollout), for ppo too: the update's own value forward supplies them."""
+    with `single` (one update on the rollout), for ppo too: the update's own value forward supplies them.
+    With `single` in float32, old_logps are the sampler's."""
     device = mask.device
     with torch.no_grad(), autocast_context(compute_dtype):
         policy.eval()
-        if single:  # the sampler's log-probs: same weights, same temperature, same numbers as a forward
+        # one update on the rollout: the sampler's log-probs are the current weights' numbers, so no forward is
+        # needed, in float32; in bf16, cached decoding and a packed forward round differently, and the first
+        # ratio must be exactly 1, so old log-probs come from the same kind of forward as the update's
+        if single and compute_dtype is None:
             old_logps = scatter_tokens(rollout.logps[rollout.response_mask].to(device), mask)
         else:
             old_logps = scatter_tokens(packed_target_logps(policy, everything, cfg.temperature), mask)
