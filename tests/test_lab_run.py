@@ -66,3 +66,27 @@ def test_a_stale_incomplete_cache_folder_is_replaced(tmp_path, monkeypatch):
     stale.mkdir()
     (stale / "config.json").write_text("{}")
     assert (base.base_model(tmp_path, quiet=True) / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_quick_preset_shows_the_lab_properties(tmp_path):
+    """The real quick preset on one seed (about 2.5 minutes with the base model): SPEC §7's properties that this
+    version meets (docs/lab.md lists the one it does not yet: drift in the annotators' biased directions)."""
+    summary = lab_run.run_lab("quick", seed=1, output_dir=str(tmp_path / "lab"), cache=str(tmp_path / "cache"))
+    methods, curves, hacking = summary["methods"], summary["curves"], summary["hacking"]
+    sft = methods["sft"]["gold"]
+    for name, m in methods.items():
+        if name not in ("sft", "ppo_no_kl"):
+            assert m["gold"] > sft + 0.03, (name, m["gold"], sft)
+    # hacking reproduced: the proxy keeps rising while gold ends far below its peak (and below SFT)
+    no_kl = curves["ppo_no_kl"]
+    assert no_kl[-1]["proxy"] > max(c["proxy"] for c in no_kl[: len(no_kl) // 2])
+    assert lab_run.gain_kept(no_kl) <= 0.8 and methods["ppo_no_kl"]["gold"] < sft
+    # the detector, which never reads gold, flags it within a few evaluations of the gold peak, and only it
+    flag = hacking["ppo_no_kl"]
+    gap = flag["flag_step"] - flag["peak_gold_step"] if flag["flagged"] else None
+    assert gap is not None and 0 <= gap <= 4 * lab_run.PRESETS["quick"]["eval_every"], flag
+    assert not hacking["ppo"]["flagged"] and not hacking["ppo_ensemble"]["flagged"]
+    for name in ("ppo", "ppo_ensemble"):
+        assert lab_run.gain_kept(curves[name]) >= 0.9, name
+    assert summary["bon_fit"]["r2"] >= 0.9 and summary["bon_fit"]["alpha"] > 0 and summary["bon_fit"]["beta"] > 0
