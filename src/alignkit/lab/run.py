@@ -64,8 +64,6 @@ class Stages:
 
 def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", cache: str | None = None,
             quiet: bool = True) -> dict:
-    import torch
-
     from alignkit.config import DPOConfig, KTOConfig, PPOConfig, RewardConfig, SFTConfig
     from alignkit.examples import write_jsonl
     from alignkit.train.dpo import train_dpo
@@ -126,7 +124,6 @@ def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", 
     with lab.stage("kto"):
         train_kto(KTOConfig(output_dir=str(out / "kto"), **direct))
 
-    torch.manual_seed(seed)
     with lab.stage("evaluation"):
         proxy = PPOConfig(model=sft, data=(str(data["heldout"]),), reward_model=rms[0])  # how the proxy scores
         evaluator = Evaluator(sft, proxy, heldout, p["eval_samples"], seed)

@@ -164,9 +164,10 @@ def packed_target_logps(model, batch: PackedBatch, temperature: float = 1.0, ent
                         batch.targets, temperature, entropy)
 
 
-def packed_logps(model, batch: PackedBatch) -> SequenceLogps:
-    """(S,) summed log-probs of every response of a prefix-shared batch (pairs: chosen first, then rejected)."""
-    values = packed_target_logps(model, batch)
+def packed_logps(model, batch: PackedBatch, temperature: float = 1.0) -> SequenceLogps:
+    """(S,) summed log-probs of every response of a prefix-shared batch (pairs: chosen first, then rejected),
+    read at `temperature`."""
+    values = packed_target_logps(model, batch, temperature)
     n = batch.num_sequences
     logps = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(0, batch.owner, values)
     lengths = torch.bincount(batch.owner, minlength=n)

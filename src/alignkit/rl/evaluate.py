@@ -15,7 +15,7 @@ import torch
 
 from alignkit.data.collate import Tokenized, pack_sequences, to_device
 from alignkit.data.rows import plain_text
-from alignkit.models.logps import packed_target_logps
+from alignkit.models.logps import packed_logps
 from alignkit.rl.rollout import generate
 from alignkit.train.loop import autocast_context
 
@@ -74,19 +74,16 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
         owner = [begin + i // samples_per_prompt for i in range(len(ids))]
         batch = to_device(pack_sequences(seqs, owner, tokenizer.pad_token_id), device)
         with autocast_context(compute_dtype):
-            policy_logps = packed_target_logps(policy, batch, temperature)
+            policy_logps = packed_logps(policy, batch, temperature).logps                      # (S,) per sample
             if reference is not None:
-                ref_logps = packed_target_logps(reference, batch, temperature)
+                ref_logps = packed_logps(reference, batch, temperature).logps
             elif hasattr(policy, "disable_adapter"):
                 with policy.disable_adapter():
-                    ref_logps = packed_target_logps(policy, batch, temperature)
+                    ref_logps = packed_logps(policy, batch, temperature).logps
             else:
-                ref_logps = None
-        if ref_logps is None:
-            ref_logps = policy_logps
-        per_token = (policy_logps.double() - ref_logps.double()).cpu()
+                ref_logps = policy_logps
+        kls.append((policy_logps.double() - ref_logps.double()).cpu())
         counts = [len(r) for r in sampled]
-        kls.append(torch.stack([t.sum() for t in per_token.split(counts)]) if counts else torch.zeros(0))
         if scorer is not None:
             finished = rollout.finished.cpu().tolist()
             proxies.append(scorer(raw, words, finished, seqs)[0])
