@@ -207,10 +207,11 @@ def test_fast_logits_path_is_checked_and_fallback_agrees(double_model, tokenizer
     batch = collate_sequences(seqs, tokenizer.pad_token_id)
     with torch.no_grad():
         fast = sequence_logps(double_model, batch).logps
-        assert _unwrap(double_model)._alignkit_fast_logits is True
-        double_model._alignkit_fast_logits = False
+        checks = _unwrap(double_model)._alignkit_checks
+        assert checks["fast_logits"] is True
+        checks["fast_logits"] = False
         slow = sequence_logps(double_model, batch).logps
-        double_model._alignkit_fast_logits = True
+        checks["fast_logits"] = True
     torch.testing.assert_close(fast, slow, rtol=0, atol=1e-10)
 
 

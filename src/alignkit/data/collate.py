@@ -140,6 +140,8 @@ class PackedBatch:
     last_positions: torch.Tensor  # (S,) flat index of each sequence's last non-padding token (reward scores)
     margin: torch.Tensor | None   # (G,) one per group (pair), or None
     num_tokens: int
+    spans: torch.Tensor | None = None  # (S, 5) long: row, prompt start, prompt length, response start, length
+    pad_id: int = 0
 
     @property
     def size(self) -> int:
@@ -202,6 +204,7 @@ def collate_packed(groups: list[tuple[Tokenized, ...]], pad_id: int, seq_ids: li
     mask = torch.zeros((len(rows), 1, width, width), dtype=torch.bool)
     n_seq = 1 + max(i for ids in seq_ids for i in ids)
     last = torch.zeros(n_seq, dtype=torch.long)
+    where = torch.zeros((n_seq, 5), dtype=torch.long)  # each sequence's columns, to unpack it (models.logps)
     positions, targets, owner = [], [], []
     for r, row in enumerate(rows):
         offset = 0
@@ -216,6 +219,7 @@ def collate_packed(groups: list[tuple[Tokenized, ...]], pad_id: int, seq_ids: li
             start = p
             for seq, length, sid in zip(group, lens, seq_ids[g]):
                 end = start + length
+                where[sid] = torch.tensor([r, offset, p, offset + start, length])
                 input_ids[r, offset + start:offset + end] = torch.tensor(seq.ids[p:], dtype=torch.long)
                 position_ids[r, offset + start:offset + end] = torch.arange(p, p + length)
                 block[start:end, start:end] = True
@@ -242,7 +246,8 @@ def collate_packed(groups: list[tuple[Tokenized, ...]], pad_id: int, seq_ids: li
     return PackedBatch(
         input_ids=input_ids, attention_mask=mask, position_ids=position_ids,
         positions=torch.tensor(positions, dtype=torch.long)[order], targets=torch.tensor(targets, dtype=torch.long)[order],
-        owner=owner_t[order], last_positions=last, margin=margin, num_tokens=sum(used_by_row))
+        owner=owner_t[order], last_positions=last, margin=margin, num_tokens=sum(used_by_row), spans=where,
+        pad_id=pad_id)
 
 
 def pack_sequences(seqs: list[Tokenized], prompt_of: list, pad_id: int) -> PackedBatch:

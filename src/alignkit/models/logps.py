@@ -5,15 +5,22 @@ decoder's hidden states at the predicting positions go through the output embedd
 tensor of logits for prompt and padding positions. That shortcut is checked once per model against the
 model's own full forward (so architectures that post-process their logits — soft-capping, scaling — fall
 back to the full forward automatically).
+
+Packed rows (several sequences in one row under a 4D mask, `PackedBatch`) carry the model's attention pattern
+(`alignkit.models.attention`) and are checked once per model against the same sequences padded one per row;
+an architecture where packing is not exact (ALiBi, an unknown attention) reads padded rows instead, with one
+line of notice. Every shortcut falls back to the plain path; none can change a number.
 """
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 
 import torch
 
 from alignkit.data.collate import PackedBatch, SequenceBatch
+from alignkit.models.attention import packed_attention_mask, smallest_window
 
 
 @dataclass
@@ -53,51 +60,170 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _fast_path_ok(model, input_ids, attention_mask, position_ids) -> bool:
-    """Whether decoder → output-embedding reproduces the model's logits (checked once per model)."""
+# --------------------------------------------------------------------------------- checked shortcuts
+_NOTICES: set[str] = set()
+
+
+def _notice(message: str) -> None:
+    """One line on stderr, once per process for each distinct message."""
+    if message not in _NOTICES:
+        _NOTICES.add(message)
+        print(f"alignkit: {message}", file=sys.stderr)
+
+
+def checked(model, key: str, check, fallback: str) -> bool:
+    """Whether the shortcut `key` is exact for `model`, by `check()` -> (ok, why not), run once per model;
+    when it is not, one line of notice says why and what is done instead (`fallback`).
+
+    The check runs in eval mode (no dropout), without gradients or autocast (float32 numbers where the
+    weights are float32) and on a forked RNG, so it changes neither the run's randomness (exact resume) nor
+    its numbers. An exception in the check means "not exact": a fast path that fails falls back, never
+    crashes. The answer is stored on the model, so the policy and its disabled-adapter reference share it.
+    """
     base = _unwrap(model)
-    if not isinstance(base, torch.nn.Module):
-        return False
-    cached = getattr(base, "_alignkit_fast_logits", None)
-    if cached is not None:
-        return cached
-    ok = False
+    results = base.__dict__.setdefault("_alignkit_checks", {})
+    if key in results:
+        return results[key]
     was_training = base.training
-    devices = [torch.cuda.current_device()] if input_ids.is_cuda else []
+    first = next(base.parameters(), None)
+    devices = [first.device.index or 0] if first is not None and first.is_cuda else []
     try:
-        decoder, head = base.get_decoder(), base.get_output_embeddings()
-        if decoder is not None and head is not None:
-            # eval mode and a forked RNG: the check must not consume randomness (exact resume) or see dropout
-            base.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                n = min(2, input_ids.shape[0])
-                kwargs = {"input_ids": input_ids[:n], "position_ids": position_ids[:n], "use_cache": False,
-                          "attention_mask": attention_mask[:n]}
-                full = base(**kwargs).logits
-                fast = head(decoder(**kwargs).last_hidden_state)
-                ok = full.shape == fast.shape and torch.allclose(full, fast, rtol=1e-4, atol=1e-4)
-    except (AttributeError, TypeError, NotImplementedError, ValueError):
-        ok = False
+        base.eval()
+        device_type = first.device.type if first is not None else "cpu"
+        with torch.no_grad(), torch.random.fork_rng(devices=devices), torch.autocast(device_type, enabled=False):
+            ok, why = check()
+    except Exception as e:  # noqa: BLE001  (any failure of a fast path means: use the plain path)
+        ok, why = False, f"{key.split('/')[0].replace('_', ' ')} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
     finally:
         base.train(was_training)
-    base._alignkit_fast_logits = ok
+    results[key] = ok
+    if not ok:
+        _notice(f"{type(base).__name__}: {why}; {fallback}")
     return ok
 
 
-def target_logps(model, input_ids, attention_mask, position_ids, positions, targets, temperature: float = 1.0,
+def _close(fast: torch.Tensor, plain: torch.Tensor, dtype: torch.dtype) -> tuple[bool, float]:
+    """(agree, largest difference relative to the plain values' scale); 1e-4 in float32, 2e-2 below."""
+    if fast.shape != plain.shape:
+        return False, float("inf")
+    scale = max(1.0, float(plain.abs().max())) if plain.numel() else 1.0
+    error = float((fast.float() - plain.float()).abs().max()) / scale if plain.numel() else 0.0
+    return error <= (1e-4 if dtype == torch.float32 else 2e-2), error
+
+
+def _weights_dtype(model) -> torch.dtype:
+    first = next(_unwrap(model).parameters(), None)
+    return first.dtype if first is not None else torch.float32
+
+
+def _first_rows(kwargs: dict, n: int) -> dict:
+    def cut(v):
+        if isinstance(v, dict):
+            return {k: cut(x) for k, x in v.items()}
+        return v[:n] if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+    return {k: cut(v) for k, v in kwargs.items()}
+
+
+def _fast_logits_ok(model, kwargs: dict) -> bool:
+    """Whether backbone → output embedding reproduces the model's logits (soft-capping, logit scaling and the
+    like do not: then the full forward is used)."""
+    def check():
+        base = _unwrap(model)
+        head = base.get_output_embeddings()
+        if head is None:
+            return False, "no output embedding"
+        part = _first_rows(kwargs, 2)
+        full = base(**part).logits
+        fast = head(base.base_model(**part).last_hidden_state)
+        ok, error = _close(fast, full, _weights_dtype(model))
+        return ok, f"its logits are not the output layer of its hidden states (diff {error:.2g})"
+    return checked(model, "fast_logits", check, "computing full logits (same numbers, slower)")
+
+
+# ------------------------------------------------------------------------------------- packed rows
+def padded_view(batch: PackedBatch) -> PackedBatch:
+    """The sequences of a packed batch one per row, right-padded with a 2D attention mask (what plain
+    `transformers` computes), with `positions` and `last_positions` pointing at the same tokens there.
+    Targets, owners and margins are unchanged, so every function that reads a PackedBatch reads this too."""
+    if batch.spans is None:
+        raise ValueError("this PackedBatch has no spans (build it with alignkit.data.collate.collate_packed)")
+    spans = batch.spans.cpu()
+    width_packed = batch.input_ids.shape[1]
+    lengths = spans[:, 2] + spans[:, 4]                                               # (S,) prompt + response
+    n, width = spans.shape[0], int(lengths.max())
+    source = torch.zeros((n, width), dtype=torch.long)                               # flat packed index per slot
+    for s, (row, prompt_start, prompt_len, start, length) in enumerate(spans.tolist()):
+        cols = list(range(prompt_start, prompt_start + prompt_len)) + list(range(start, start + length))
+        source[s, :len(cols)] = torch.tensor(cols, dtype=torch.long) + row * width_packed
+    real = torch.arange(width)[None, :] < lengths[:, None]                             # (S, W)
+    device = batch.input_ids.device
+    source, real = source.to(device), real.to(device)
+    input_ids = torch.where(real, batch.input_ids.reshape(-1)[source], batch.pad_id)
+
+    def remap(flat: torch.Tensor, seq: torch.Tensor) -> torch.Tensor:
+        col = flat % width_packed
+        row_spans = batch.spans[seq]                                                   # (M, 5)
+        prompt_start, prompt_len, start = row_spans[:, 1], row_spans[:, 2], row_spans[:, 3]
+        index = torch.where(col < prompt_start + prompt_len, col - prompt_start, prompt_len + col - start)
+        return seq * width + index
+
+    return PackedBatch(
+        input_ids=input_ids, attention_mask=real.long(), position_ids=(real.long().cumsum(-1) - 1).clamp(min=0),
+        positions=remap(batch.positions, batch.owner), targets=batch.targets, owner=batch.owner,
+        last_positions=remap(batch.last_positions, torch.arange(n, device=device)), margin=batch.margin,
+        num_tokens=batch.num_tokens, spans=None, pad_id=batch.pad_id)
+
+
+def _kwargs(batch: SequenceBatch | PackedBatch, attention_mask=None) -> dict:
+    return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False,
+            "attention_mask": batch.attention_mask if attention_mask is None else attention_mask}
+
+
+def model_batch(model, batch: PackedBatch) -> tuple[PackedBatch, dict]:
+    """(the batch the model should read, its forward kwargs): the packed rows with the model's attention
+    pattern (sliding windows and chunks included, see `alignkit.models.attention`), or — where packing is not
+    exact for this architecture — the same sequences padded one per row.
+
+    Packing is checked once per model against the padded forward, separately for batches with a sequence
+    longer than the model's narrowest window (where the window matters) and batches without."""
+    if batch.attention_mask.dim() == 2:  # already plain
+        return batch, _kwargs(batch)
+    config = _unwrap(model).config
+    window = smallest_window(config)
+    long = window is not None and int(batch.position_ids.max()) >= window
+    packed = _kwargs(batch, packed_attention_mask(config, batch.attention_mask, batch.position_ids))
+
+    def check():
+        backbone = _unwrap(model).base_model
+        plain = padded_view(batch)
+        at = torch.cat([batch.positions, batch.last_positions])
+        at_plain = torch.cat([plain.positions, plain.last_positions])
+        fast = backbone(**packed).last_hidden_state.flatten(0, 1)[at]
+        slow = backbone(**_kwargs(plain)).last_hidden_state.flatten(0, 1)[at_plain]
+        ok, error = _close(fast, slow, _weights_dtype(model))
+        return ok, f"packed rows do not reproduce a padded forward (diff {error:.2g})"
+
+    what = f" for sequences longer than its attention window ({window})" if long else ""
+    if checked(model, "packing/long" if long else "packing", check,
+               f"using padded batches{what} (same numbers, slower)"):
+        return batch, packed
+    plain = padded_view(batch)
+    return plain, _kwargs(plain)
+
+
+def target_logps(model, kwargs: dict, positions, targets, temperature: float = 1.0,
                  entropy: list | None = None) -> torch.Tensor:
-    """(M,) log p(targets[m]) from the logits at flat position `positions[m]` (= row · T + t).
+    """(M,) log p(targets[m]) from the logits at flat position `positions[m]` (= row · T + t) of the forward
+    on `kwargs`.
 
     log p = logit[target] − logsumexp(logits), on logits / `temperature` (online RL samples at a temperature
     and must score at the same one), in float32 at least (bf16 logits are upcast), without a log-softmax
     over the whole (N, T, V) logits. Pass a list as `entropy` to receive the (M,) entropies as well.
     """
     base = _unwrap(model)
-    kwargs = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids,
-              "use_cache": False}
-    if _fast_path_ok(model, input_ids, attention_mask, position_ids):
+    if _fast_logits_ok(model, kwargs):
         # (PEFT injects its adapters into the base model's layers, so disable_adapter() applies here too)
-        hidden = base.get_decoder()(**kwargs).last_hidden_state                                  # (N, T, H)
+        hidden = base.base_model(**kwargs).last_hidden_state                                     # (N, T, H)
         logits = base.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions])  # (M, V)
     else:
         full = model(**kwargs).logits
@@ -125,8 +251,7 @@ def sequence_logps(model, batch: SequenceBatch, temperature: float = 1.0, entrop
     positions = rows * t + cols
     targets = batch.input_ids[:, 1:][rows, cols]
     flat_entropy = [] if entropy is not None else None
-    values = target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, positions, targets,
-                          temperature, flat_entropy)
+    values = target_logps(model, _kwargs(batch), positions, targets, temperature, flat_entropy)
     token_logps = torch.zeros(mask.shape, dtype=values.dtype, device=values.device)
     token_logps = token_logps.index_put((rows, cols), values)
     if entropy is not None:
@@ -141,8 +266,7 @@ def token_values(value_model, batch: SequenceBatch) -> torch.Tensor:
     0 where the next token is not a target."""
     base = _unwrap(value_model)
     mask = batch.loss_mask[:, 1:]
-    hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    hidden = base.base_model(**_kwargs(batch)).last_hidden_state
     values = base.score(hidden[:, :-1])[..., 0]                                        # (N, T-1)
     values = values.to(torch.promote_types(values.dtype, torch.float32))
     return torch.where(mask, values, torch.zeros_like(values))
@@ -152,16 +276,16 @@ def packed_token_values(value_model, batch: PackedBatch) -> torch.Tensor:
     """(M,) values V(s) of the states that predict each target token of a prefix-shared batch, in the
     order of `batch.positions` (the same states `token_values` reads in a padded batch)."""
     base = _unwrap(value_model)
-    hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                             position_ids=batch.position_ids, use_cache=False).last_hidden_state
+    batch, kwargs = model_batch(value_model, batch)
+    hidden = base.base_model(**kwargs).last_hidden_state
     values = base.score(hidden.reshape(-1, hidden.shape[-1])[batch.positions])[:, 0]
     return values.to(torch.promote_types(values.dtype, torch.float32))
 
 
 def packed_target_logps(model, batch: PackedBatch, temperature: float = 1.0, entropy: list | None = None):
     """(M,) log-probs of every target token of a prefix-shared batch, in the order of `batch.positions`."""
-    return target_logps(model, batch.input_ids, batch.attention_mask, batch.position_ids, batch.positions,
-                        batch.targets, temperature, entropy)
+    batch, kwargs = model_batch(model, batch)
+    return target_logps(model, kwargs, batch.positions, batch.targets, temperature, entropy)
 
 
 def packed_logps(model, batch: PackedBatch, temperature: float = 1.0) -> SequenceLogps:
@@ -182,57 +306,42 @@ def pair_logps(model, batch) -> SequenceLogps:
     return SequenceLogps(lp.logps, lp.lengths)
 
 
-def _score_shortcut_ok(model, batch: PackedBatch) -> bool:
-    """Whether backbone → score head at the last token reproduces the classifier's own forward (checked once)."""
+def _head_scores(model, batch: PackedBatch, kwargs: dict) -> torch.Tensor:
+    """(S,) the score head on the backbone's hidden state at each sequence's last token."""
     base = _unwrap(model)
-    cached = getattr(base, "_alignkit_fast_scores", None)
-    if cached is not None:
-        return cached
-    ok = False
-    was_training = base.training
-    devices = [torch.cuda.current_device()] if batch.input_ids.is_cuda else []
-    try:
-        backbone, head = getattr(base, "base_model", None), getattr(base, "score", None)
-        if backbone is not None and backbone is not base and isinstance(head, torch.nn.Module):
-            base.eval()
-            with torch.no_grad(), torch.random.fork_rng(devices=devices):
-                fast = _packed_scores(base, backbone, head, batch)[0]
-                # sequence 0 alone (the tokens its last position sees), through the classifier's own forward
-                last = int(batch.last_positions[0])
-                row, col = divmod(last, batch.input_ids.shape[1])
-                seen = batch.attention_mask[row, 0, col, :col + 1]
-                ids = batch.input_ids[row, :col + 1][seen].unsqueeze(0)
-                full = base(input_ids=ids, use_cache=False).logits[0, 0]
-                ok = bool(torch.allclose(fast, full, rtol=1e-4, atol=1e-4))
-    except (AttributeError, TypeError, NotImplementedError, ValueError, IndexError):
-        ok = False
-    finally:
-        base.train(was_training)
-    base._alignkit_fast_scores = ok
-    return ok
+    hidden = base.base_model(**kwargs).last_hidden_state                                      # (R, T, H)
+    return base.score(hidden.reshape(-1, hidden.shape[-1])[batch.last_positions])[:, 0]      # (S,)
 
 
-def _packed_scores(model, backbone, head, batch: PackedBatch) -> torch.Tensor:
-    hidden = backbone(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                      position_ids=batch.position_ids, use_cache=False).last_hidden_state       # (R, T, H)
-    return head(hidden.reshape(-1, hidden.shape[-1])[batch.last_positions])[:, 0]              # (S,)
+def _score_shortcut_ok(model, batch: PackedBatch) -> bool:
+    """Whether backbone → score head at the last token reproduces the classifier's own forward (checked once,
+    on the batch's sequences padded one per row)."""
+    def check():
+        plain = padded_view(batch)
+        if not isinstance(getattr(_unwrap(model), "score", None), torch.nn.Module):
+            return False, "no score head"
+        fast = _head_scores(model, plain, _kwargs(plain))
+        full = _unwrap(model)(**_kwargs(plain)).logits[:, 0]
+        ok, error = _close(fast, full, _weights_dtype(model))
+        return ok, f"its score is not the head at the last token (diff {error:.2g})"
+    return checked(model, "fast_scores", check, "scoring padded rows with the classifier's own forward")
 
 
 def reward_scores(model, batch: SequenceBatch | PackedBatch) -> torch.Tensor:
     """(N,) scores of a sequence-classification reward model (num_labels=1) at each sequence's last
     non-padding token — what plain `transformers` computes when it scores the text.
 
-    A padded batch goes through the model's own forward; a prefix-shared batch through its backbone and score
-    head (a shortcut verified once against the model's own forward; without it, an error names the fix).
+    A padded batch goes through the model's own forward. A prefix-shared batch goes through the backbone and
+    the score head at each sequence's last token (packing and the head shortcut are each checked once per
+    model against the plain forward); where either is not exact, through the classifier on padded rows.
     """
     if isinstance(batch, PackedBatch):
-        if not _score_shortcut_ok(model, batch):
-            raise ValueError("this reward model's architecture does not support prefix sharing; "
-                             "set prefix_sharing: false")
-        base = _unwrap(model)
-        scores = _packed_scores(model, base.base_model, base.score, batch)
+        if _score_shortcut_ok(model, batch):
+            read, kwargs = model_batch(model, batch)
+            scores = _head_scores(model, read, kwargs)
+        else:
+            plain = padded_view(batch)
+            scores = model(**_kwargs(plain)).logits[:, 0]
     else:
-        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                    position_ids=batch.position_ids, use_cache=False)
-        scores = out.logits[:, 0]
+        scores = model(**_kwargs(batch)).logits[:, 0]
     return scores.to(torch.promote_types(scores.dtype, torch.float32))
