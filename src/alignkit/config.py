@@ -65,6 +65,7 @@ class TrainConfig:
     on_bad_row: str = option("error", "error = stop at the first bad row; skip = skip bad rows and report how many.", ("error", "skip"))
     max_bad_steps: int = option(5, "Stop after this many non-finite (NaN/Inf) steps in a row.")
     trust_remote_code: bool = option(False, "Allow model code from the checkpoint folder to run (off by default).")
+    disable_dropout: bool = option(False, "Turn the model's dropout off (default true for reward, dpo, kto, ppo, as in TRL).")
     num_threads: int = option(0, "CPU threads for torch; 0 = leave torch's default.")
 
     def __post_init__(self):
@@ -108,6 +109,7 @@ class RewardConfig(TrainConfig):
     ranked_loss: str = option("plackett_luce", "Loss on ranked data: the full ranking, or every pair of it.",
                               ("plackett_luce", "pairs"))
     use_margin: bool = option(True, "Use the rows' `margin` field in the Bradley–Terry loss when present.")
+    disable_dropout: bool = option(True, "Turn the model's dropout off (on by default here, as in TRL), so that scores are deterministic.")
     center_rewards: float = option(0.0, "Coefficient c of a c·(Σ_k r_k)² penalty (pairs: c·(r_c + r_r)²) that keeps rewards centred at 0.")
     prefix_sharing: bool = option(True, "One forward per row: [prompt | response 1 | … | response K] with a 4D mask.")
 
@@ -120,6 +122,7 @@ class PreferenceConfig(TrainConfig):
     beta: float = option(0.1, "β: strength of the implicit KL constraint to the reference policy.")
     ref_model: str = option("", "Reference model folder; empty = the starting model (with LoRA: adapters disabled).")
     precompute_ref: bool = option(True, "Compute reference log-probs once before training (stored with the run).")
+    disable_dropout: bool = option(True, "Turn the model's dropout off (as in TRL), so the policy starts equal to its reference (h = 0).")
     reference_free: bool = option(False, "Use no reference model (reference log-probs = 0).")
     prefix_sharing: bool = option(True, "One forward per example row: [prompt | response A | response B] with a 4D mask.")
 
@@ -188,6 +191,7 @@ class PPOConfig(TrainConfig):
     gae_lambda: float = option(0.95, "λ for GAE.")
     clip_range: float = option(0.2, "PPO ratio clip ε.")
     value_clip_range: float = option(0.2, "Value clip around the rollout-time values.")
+    disable_dropout: bool = option(True, "Turn dropout off in policy and value model (as in TRL), so the first ratio is 1 and the KL starts at 0.")
     vf_coef: float = option(0.1, "Weight of the value loss.")
     ppo_epochs: int = option(1, "Passes over each rollout.")
     num_minibatches: int = option(1, "Minibatches per pass.")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -76,6 +77,13 @@ def load_causal_lm(path: str, dtype: str = "auto", trust_remote_code: bool = Fal
     return model.to(default_device())
 
 
+def load_reference(path: str, dtype: str = "auto", trust_remote_code: bool = False):
+    """A frozen reference policy (eval mode, no gradients) in the *policy's* weight dtype: float32 under bf16
+    autocast, like the trained weights. Loaded in bf16 instead, it would compute other numbers than the policy
+    it starts equal to (norms and softmaxes run in its weight dtype), and h and the KL would not start at 0."""
+    return load_causal_lm(path, dtype, trust_remote_code, for_training=True).eval().requires_grad_(False)
+
+
 PAD_TOKEN = "<|pad|>"
 
 
@@ -115,6 +123,54 @@ def load_reward_model(path: str, tokenizer, dtype: str = "auto", trust_remote_co
     return model.to(default_device())
 
 
+def _dropout_fields(config) -> dict[str, float]:
+    return {k: v for k, v in vars(config).items()
+            if ("dropout" in k.lower() or "pdrop" in k.lower()) and isinstance(v, float) and v > 0}
+
+
+def disable_dropout(model) -> None:
+    """Turn dropout off in every layer: `nn.Dropout` modules get p = 0, and float dropout rates that modules hand
+    to their kernels or to `F.dropout` (`attention_dropout`, `hidden_dropout`, `resid_pdrop`, …) become 0, in
+    the modules and in the config (some models read the config at every forward, e.g. Falcon). The config's
+    values are remembered and written back when the model is saved (`save_pretrained_atomic`), so final/ keeps
+    the dropout the model came with. With dropout on, a policy does not start equal to its reference (DPO's
+    h ≠ 0, PPO's first ratio ≠ 1)."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+            continue
+        for name, value in _dropout_fields(module).items():
+            setattr(module, name, 0.0)
+    config = getattr(model, "config", None)
+    if config is not None:
+        original = _dropout_fields(config)
+        for name in original:
+            setattr(config, name, 0.0)
+        model.__dict__.setdefault("_alignkit_config_dropout", {}).update(original)
+
+
+@contextlib.contextmanager
+def _original_dropout(model):
+    """The config's dropout as the model came (see `disable_dropout`), while the model is saved."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    original = base.__dict__.get("_alignkit_config_dropout", {})
+    for name, value in original.items():
+        setattr(base.config, name, value)
+    try:
+        yield
+    finally:
+        for name in original:
+            setattr(base.config, name, 0.0)
+
+
+def prepare_trainable(model, cfg, task_type: str):
+    """A model ready to train as `cfg` says: dropout off when `cfg.disable_dropout` (before LoRA, so an explicit
+    `lora_dropout` still applies), then LoRA adapters when `cfg.lora_r` > 0."""
+    if getattr(cfg, "disable_dropout", False):
+        disable_dropout(model)
+    return apply_lora(model, cfg, task_type)
+
+
 def apply_lora(model, cfg, task_type: str):
     """Wrap `model` with PEFT LoRA adapters when `cfg.lora_r` > 0 (else return it unchanged)."""
     if cfg.lora_r <= 0:
@@ -146,7 +202,8 @@ def save_pretrained_atomic(model, tokenizer, path: Path, lora_save: str = "merge
         import copy
 
         to_save = copy.deepcopy(model).merge_and_unload()
-    to_save.save_pretrained(tmp, safe_serialization=True)
+    with _original_dropout(to_save):
+        to_save.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)

@@ -15,7 +15,7 @@ import torch
 from alignkit.data.convert import ranked_to_pairwise
 from alignkit.data.tokenize import Encoder
 from alignkit.losses import dpo_loss
-from alignkit.models.load import apply_lora, load_causal_lm, load_tokenizer, save_pretrained_atomic
+from alignkit.models.load import load_causal_lm, load_tokenizer, prepare_trainable, save_pretrained_atomic
 from alignkit.models.logps import pair_logps
 from alignkit.train.common import load_train_eval
 from alignkit.train.loop import StepOutput, Task, fit, seed_everything
@@ -68,7 +68,7 @@ def dpo_step_loss(model, batch: PrefBatch, cfg, reference: Reference | None) -> 
 def preference_task(cfg, name: str, tokenizer, train: list[PrefExample], evals: list[PrefExample],
                     loss_fn, uses_reference: bool = True) -> Task:
     """The policy (+ LoRA), the reference, precomputation, and the Task that `fit` runs (dpo and kto)."""
-    model = apply_lora(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
+    model = prepare_trainable(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
     reference = build_reference(cfg, model) if uses_reference else None
     pad = tokenizer.pad_token_id
     collate = lambda xs: collate_preference(xs, pad, cfg.prefix_sharing)  # noqa: E731

@@ -27,11 +27,13 @@ from alignkit.data.tokenize import Encoder
 from alignkit.errors import TrainingError, UserError
 from alignkit.losses.rl import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from alignkit.models.load import (
-    apply_lora,
     default_device,
+    disable_dropout,
     load_causal_lm,
+    load_reference,
     load_reward_model,
     load_tokenizer,
+    prepare_trainable,
     quiet_transformers,
     save_pretrained_atomic,
     training_dtypes,
@@ -242,15 +244,16 @@ def train_ppo(cfg) -> dict:
                if cfg.heldout_reward_models else None)
     gold = load_reward_fn(cfg.gold_fn) if cfg.gold_fn else None
     detector = HackingDetector.from_config(cfg)
-    policy = apply_lora(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
-    reference = None if cfg.lora_r > 0 else load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code,
-                                                            for_training=False).eval().requires_grad_(False)
+    policy = prepare_trainable(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
+    reference = None if cfg.lora_r > 0 else load_reference(cfg.model, cfg.dtype, cfg.trust_remote_code)
     value = None
     if cfg.algo == "ppo":
         init = cfg.value_model or (list(cfg.reward_models) + [cfg.reward_model])[0] or cfg.model
         value_tokenizer = load_tokenizer(init, cfg.trust_remote_code)
         check_same_vocabulary(tokenizer, value_tokenizer, init)
         value = load_reward_model(init, value_tokenizer, cfg.dtype, cfg.trust_remote_code)
+        if cfg.disable_dropout:
+            disable_dropout(value)
     modules = torch.nn.ModuleDict({"policy": policy, **({"value": value} if value is not None else {})})
     _, compute_dtype = training_dtypes(cfg.dtype)
     steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(prompts) / cfg.rollout_batch_size))

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from alignkit.data.collate import to_device
-from alignkit.models.load import default_device, load_causal_lm
+from alignkit.models.load import default_device, load_reference
 from alignkit.models.logps import SequenceLogps, pair_logps
 
 
@@ -65,8 +65,7 @@ def build_reference(cfg, policy) -> Reference | None:
         return None
     if cfg.lora_r > 0 and cfg.ref_model in ("", cfg.model):
         return Reference(policy=policy)
-    return Reference(model=load_causal_lm(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code,
-                                          for_training=False))
+    return Reference(model=load_reference(cfg.ref_model or cfg.model, cfg.dtype, cfg.trust_remote_code))
 
 
 def _fingerprint(cfg, examples: list) -> str:

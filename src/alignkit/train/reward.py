@@ -27,7 +27,7 @@ from alignkit.data.convert import ranked_to_pairwise
 from alignkit.data.rows import PairRow, RankedRow, tie_groups
 from alignkit.data.tokenize import Encoder
 from alignkit.losses import bradley_terry_loss, plackett_luce_loss
-from alignkit.models.load import apply_lora, load_reward_model, load_tokenizer, save_pretrained_atomic
+from alignkit.models.load import load_reward_model, load_tokenizer, prepare_trainable, save_pretrained_atomic
 from alignkit.models.logps import reward_scores
 from alignkit.train.common import load_train_eval
 from alignkit.train.loop import StepOutput, Task, fit, seed_everything
@@ -101,7 +101,7 @@ def train_reward(cfg) -> dict:
         loss = lambda m, b: ranked_step_loss(m, b, cfg.center_rewards)
     train = [encode(encoder, r) for r in train_rows]
     evals = [encode(encoder, r) for r in eval_rows]
-    model = apply_lora(model, cfg, "SEQ_CLS")
+    model = prepare_trainable(model, cfg, "SEQ_CLS")
     task = Task(
         name="reward",
         model=model,

@@ -8,7 +8,7 @@ from __future__ import annotations
 from alignkit.data.collate import SequenceBatch, collate_sequences
 from alignkit.data.tokenize import Encoder
 from alignkit.losses import sft_token_loss
-from alignkit.models.load import apply_lora, load_causal_lm, load_tokenizer, save_pretrained_atomic
+from alignkit.models.load import load_causal_lm, load_tokenizer, prepare_trainable, save_pretrained_atomic
 from alignkit.models.logps import sequence_logps
 from alignkit.train.common import drop_untrainable, load_train_eval
 from alignkit.train.loop import StepOutput, Task, fit, seed_everything
@@ -31,7 +31,7 @@ def train_sft(cfg) -> dict:
                              [r.source for r in train_rows], has_targets)
     evals = drop_untrainable([encoder.sft(r, cfg.completion_only_loss) for r in eval_rows],
                              [r.source for r in eval_rows], has_targets)
-    model = apply_lora(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
+    model = prepare_trainable(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
     pad = tokenizer.pad_token_id
     task = Task(
         name="sft",
