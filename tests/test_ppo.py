@@ -168,7 +168,7 @@ def test_reward_models_score_packed_rows_like_padded_ones(tmp_path, tiny_model_d
     responses = ["good good", "red", "", "bad cat dog dog", "blue", "green fox good"]
     packed, _ = scorers[0](prompts, responses)
     padded, _ = scorers[1](prompts, responses)
-    assert scorers[0].prefix_sharing == [True]
+    assert scorers[0].prefix_sharing is True
     torch.testing.assert_close(packed, padded, rtol=1e-4, atol=1e-5)
     assert packed.std() > 0
 

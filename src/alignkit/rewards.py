@@ -45,7 +45,7 @@ class Scorer:
             same = policy_tokenizer is not None and same_vocabulary(policy_tokenizer, tok)
             model = load_reward_model(path, tok, cfg.dtype, cfg.trust_remote_code).eval().requires_grad_(False)
             self.models.append((model, tok, Encoder(tok, 100_000, 50_000), same))
-        self.prefix_sharing = [cfg.prefix_sharing] * len(self.models)
+        self.prefix_sharing = cfg.prefix_sharing
         self.rule = load_reward_fn(cfg.reward_fn) if cfg.reward_fn and use_rule else None
         self.ensemble, self.uwo_lambda = cfg.ensemble, cfg.uwo_lambda
 
@@ -71,17 +71,13 @@ class Scorer:
         if self.models:
             per_model = []
             keys = [json.dumps(p) if not isinstance(p, str) else p for p in prompts]
-            for m, (model, tok, enc, same) in enumerate(self.models):
+            for model, tok, enc, same in self.models:
                 seqs = self._sequences(enc, same, prompts, responses, finished, sampled)
-                scores = None
-                if self.prefix_sharing[m]:  # padding-free, a prompt's samples sharing one block
-                    try:
-                        packed = pack_sequences(seqs, keys, tok.pad_token_id)
-                        scores = reward_scores(model, to_device(packed, default_device()))
-                    except ValueError:  # an architecture the score shortcut does not reproduce: pad instead
-                        self.prefix_sharing[m] = False
-                if scores is None:
-                    scores = reward_scores(model, to_device(collate_sequences(seqs, tok.pad_token_id), default_device()))
+                if self.prefix_sharing:  # padding-free, a prompt's samples sharing one block
+                    batch = pack_sequences(seqs, keys, tok.pad_token_id)
+                else:
+                    batch = collate_sequences(seqs, tok.pad_token_id)
+                scores = reward_scores(model, to_device(batch, default_device()))
                 per_model.append(scores.float().cpu())
             scores = torch.stack(per_model)                                               # (M, N)
             spread = scores.std(0) if len(per_model) > 1 else None

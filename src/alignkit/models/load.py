@@ -139,7 +139,7 @@ def disable_dropout(model) -> None:
         if isinstance(module, torch.nn.Dropout):
             module.p = 0.0
             continue
-        for name, value in _dropout_fields(module).items():
+        for name in _dropout_fields(module):
             setattr(module, name, 0.0)
     config = getattr(model, "config", None)
     if config is not None:
