@@ -215,3 +215,34 @@ def test_ppo_first_iteration_starts_at_the_reference(arch, zoo, data, tmp_path):
     assert abs(first["kl"]) < 1e-4 and first["clipfrac"] == 0.0, first
     assert math.isfinite(first["value_loss"]) and first["value_loss"] > 0
     assert good_word_share  # the rule reward the run used
+
+
+def test_chunked_attention_llama4_packs_exactly(capsys):
+    """Llama 4's chunked layers (a token sees its own chunk of `attention_chunk_size`) in the packed mask: the
+    packed log-probs equal plain transformers on each sequence, with no fallback, across chunk borders."""
+    from transformers import Llama4ForCausalLM, Llama4TextConfig
+
+    from alignkit.data.collate import TokenizedPair, collate_packed_pairs
+    from alignkit.data.tokenize import Tokenized
+    from alignkit.models.logps import pair_logps
+
+    config = Llama4TextConfig(vocab_size=40, hidden_size=32, intermediate_size=64, intermediate_size_mlp=64,
+                              num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                              attention_chunk_size=4, num_local_experts=2, interleave_moe_layer_step=1,
+                              pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    assert "chunked_attention" in config.layer_types
+    torch.manual_seed(0)
+    model = Llama4ForCausalLM(config).eval()
+    g = torch.Generator().manual_seed(0)
+    ids = lambda n: torch.randint(3, 40, (n,), generator=g).tolist()  # noqa: E731
+    pairs = []
+    for i in range(3):
+        prompt = ids(5 + i)
+        pairs.append(TokenizedPair(*(Tokenized(prompt + r, [False] * len(prompt) + [True] * len(r))
+                                     for r in (ids(9 + 2 * i), ids(6 + i)))))
+    with torch.no_grad():
+        got = pair_logps(model, collate_packed_pairs(pairs, 0)).logps
+        want = torch.tensor([_oracle_logps(model, p.chosen) for p in pairs] +
+                            [_oracle_logps(model, p.rejected) for p in pairs])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert "using padded batches" not in capsys.readouterr().err

@@ -60,6 +60,18 @@ def _unwrap(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def _backbone(model):
+    """The model without its head: the module whose output is `last_hidden_state` (PEFT's adapters live in
+    it, so `disable_adapter()` applies). `base_model` for most models; some (Llama 4) name it otherwise."""
+    base = _unwrap(model)
+    backbone = base.base_model
+    if backbone is base:
+        for name in ("model", "transformer"):
+            if isinstance(getattr(base, name, None), torch.nn.Module):
+                return getattr(base, name)
+    return backbone
+
+
 # --------------------------------------------------------------------------------- checked shortcuts
 _NOTICES: set[str] = set()
 
@@ -134,7 +146,7 @@ def _fast_logits_ok(model, kwargs: dict) -> bool:
             return False, "no output embedding"
         part = _first_rows(kwargs, 2)
         full = base(**part).logits
-        fast = head(base.base_model(**part).last_hidden_state)
+        fast = head(_backbone(model)(**part).last_hidden_state)
         ok, error = _close(fast, full, _weights_dtype(model))
         return ok, f"its logits are not the output layer of its hidden states (diff {error:.2g})"
     return checked(model, "fast_logits", check, "computing full logits (same numbers, slower)")
@@ -194,7 +206,7 @@ def model_batch(model, batch: PackedBatch) -> tuple[PackedBatch, dict]:
     packed = _kwargs(batch, packed_attention_mask(config, batch.attention_mask, batch.position_ids))
 
     def check():
-        backbone = _unwrap(model).base_model
+        backbone = _backbone(model)
         plain = padded_view(batch)
         at = torch.cat([batch.positions, batch.last_positions])
         at_plain = torch.cat([plain.positions, plain.last_positions])
@@ -223,7 +235,7 @@ def target_logps(model, kwargs: dict, positions, targets, temperature: float = 1
     base = _unwrap(model)
     if _fast_logits_ok(model, kwargs):
         # (PEFT injects its adapters into the base model's layers, so disable_adapter() applies here too)
-        hidden = base.base_model(**kwargs).last_hidden_state                                     # (N, T, H)
+        hidden = _backbone(model)(**kwargs).last_hidden_state                                     # (N, T, H)
         logits = base.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions])  # (M, V)
     else:
         full = model(**kwargs).logits
@@ -266,7 +278,7 @@ def token_values(value_model, batch: SequenceBatch) -> torch.Tensor:
     0 where the next token is not a target."""
     base = _unwrap(value_model)
     mask = batch.loss_mask[:, 1:]
-    hidden = base.base_model(**_kwargs(batch)).last_hidden_state
+    hidden = _backbone(value_model)(**_kwargs(batch)).last_hidden_state
     values = base.score(hidden[:, :-1])[..., 0]                                        # (N, T-1)
     values = values.to(torch.promote_types(values.dtype, torch.float32))
     return torch.where(mask, values, torch.zeros_like(values))
@@ -277,7 +289,7 @@ def packed_token_values(value_model, batch: PackedBatch) -> torch.Tensor:
     order of `batch.positions` (the same states `token_values` reads in a padded batch)."""
     base = _unwrap(value_model)
     batch, kwargs = model_batch(value_model, batch)
-    hidden = base.base_model(**kwargs).last_hidden_state
+    hidden = _backbone(value_model)(**kwargs).last_hidden_state
     values = base.score(hidden.reshape(-1, hidden.shape[-1])[batch.positions])[:, 0]
     return values.to(torch.promote_types(values.dtype, torch.float32))
 
@@ -309,7 +321,7 @@ def pair_logps(model, batch) -> SequenceLogps:
 def _head_scores(model, batch: PackedBatch, kwargs: dict) -> torch.Tensor:
     """(S,) the score head on the backbone's hidden state at each sequence's last token."""
     base = _unwrap(model)
-    hidden = base.base_model(**kwargs).last_hidden_state                                      # (R, T, H)
+    hidden = _backbone(model)(**kwargs).last_hidden_state                                      # (R, T, H)
     return base.score(hidden.reshape(-1, hidden.shape[-1])[batch.last_positions])[:, 0]      # (S,)
 
 
