@@ -45,7 +45,7 @@ def _dpo(model, data, out, **kw):
 
 @pytest.mark.parametrize("loss, extra", [
     ("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("robust", {"label_smoothing": 0.1}),
-    ("hinge", {}), ("ipo", {}), ("simpo", {"beta": 2.0}), ("rdpo", {"rdpo_alpha": -0.01}),
+    ("hinge", {}), ("ipo", {}), ("simpo", {"beta": 2.0}), ("rdpo", {}),
 ])
 def test_every_dpo_variant_learns(tmp_path, tiny_model_dir, pairs_file, loss, extra):
     out = tmp_path / "run"
@@ -62,6 +62,26 @@ def test_first_dpo_loss_is_log2_against_the_starting_model(tmp_path, tiny_model_
     out = tmp_path / "run"
     _dpo(tiny_model_dir, pairs_file, out, max_steps=1, eval_fraction=0.0)
     assert _metrics(out)[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+
+
+@pytest.mark.parametrize("longer", ["chosen", "rejected"])
+def test_first_rdpo_loss_sees_the_length_gap_with_the_default_alpha(tmp_path, tiny_model_dir, longer):
+    """h = 0 at step 0, so R-DPO's first loss is −log σ(α·(|y_c| − |y_r|)) with the default α = 0.01. Every
+    pair's responses differ by 10 words (word tokenizer: 10 tokens; both end with EOS): a longer chosen
+    response gives log(1 + e^−0.1) = 0.6443966600735709 (below log 2: length is taken out of its reward), a
+    longer rejected one log(1 + e^0.1) = 0.744396660073571."""
+    rng = random.Random(3)
+    rows = []
+    for r in pairwise_rows(16, seed=13):
+        extra = " ".join(rng.choice(["the", "very", "so", "and"]) for _ in range(10))
+        long, short = f"{r['chosen']} {extra}", r["chosen"]
+        rows.append({"prompt": r["prompt"], "chosen": long if longer == "chosen" else short,
+                     "rejected": short if longer == "chosen" else long})
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    out = tmp_path / "run"
+    _dpo(tiny_model_dir, data, out, loss="rdpo", max_steps=1, eval_fraction=0.0)
+    expected = 0.6443966600735709 if longer == "chosen" else 0.744396660073571
+    assert _metrics(out)[0]["loss"] == pytest.approx(expected, abs=1e-6)
 
 
 def test_precompute_and_prefix_sharing_change_nothing(tmp_path, tiny_model_dir, pairs_file):

@@ -138,7 +138,8 @@ class DPOConfig(PreferenceConfig):
     label_smoothing: float = option(0.0, "ε: assumed share of flipped labels (cDPO / robust DPO).")
     ipo_average: bool = option(True, "IPO on per-token averaged log-probs (as in TRL) instead of sums.")
     simpo_gamma: float = option(0.5, "γ: SimPO's target reward margin.")
-    rdpo_alpha: float = option(-0.01, "α in −log σ(βh + α(|y_c| − |y_r|)); negative penalises longer chosen responses.")
+    rdpo_alpha: float = option(0.01, "α in −log σ(βh + α(|y_c| − |y_r|)), per token of length gap; > 0 takes length "
+                               "out of the implicit reward (at the optimum βh = logit p − αΔ).")
     pairs_from_ranked: str = option("all", "How ranked rows become pairs.", ("all", "adjacent", "best_worst"))
 
     def __post_init__(self):
