@@ -24,6 +24,9 @@ def test_layers_options_override_file():
     ({"lr_schedule": "exp"}, 'field "lr_schedule" must be one of constant, linear, cosine'),
     ({"batch_size": 0}, 'field "batch_size" must be at least 1'),
     ({"max_prompt_length": 600, "max_length": 512}, '"max_prompt_length" (600) must be less than'),
+    ({"max_prompt_length": 512, "max_length": 512}, '"max_prompt_length" (512) must be less than'),
+    ({"max_prompt_length": -1}, 'field "max_prompt_length" must be 0 or more'),
+    ({"max_length": 1}, 'field "max_length" must be at least 2'),
     ({"gradient_checkpointing": "maybe"}, "must be true or false"),
 ])
 def test_bad_values_are_named(values, message):
@@ -81,3 +84,33 @@ def test_real_entry_point_exit_status_and_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert f"{bad}:2:" in proc.stderr and '"chosen"' in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo", "kto", "ppo"])
+def test_max_length_alone_derives_the_prompt_limit(command):
+    """`--max-length 512` (or 300) alone is valid for every command: max_prompt_length defaults to 0, which the
+    encoder reads as half of max_length; the field itself stays as given (configs are not written back)."""
+    from alignkit.cli import TRAIN_COMMANDS
+    from alignkit.data.tokenize import prompt_length_limit
+
+    extra = {"reward_fn": "python:alignkit.examples:good_word_share"} if command == "ppo" else {}
+    for max_length in ("512", "300", "2"):
+        cfg = build_config(TRAIN_COMMANDS[command][0], {}, {"model": "m", "data": ["a"], "max_length": max_length,
+                                                             **extra})
+        assert cfg.max_prompt_length == 0
+        assert prompt_length_limit(cfg.max_length, cfg.max_prompt_length) == int(max_length) // 2
+    cfg = build_config(TRAIN_COMMANDS[command][0], {}, {"model": "m", "data": ["a"], "max_length": "64",
+                                                         "max_prompt_length": "50", **extra})
+    assert prompt_length_limit(cfg.max_length, cfg.max_prompt_length) == 50
+
+
+def test_dpo_with_only_max_length_runs(tmp_path, tiny_model_dir, capsys):
+    """The issue's command: `alignkit dpo … --max-length 512` used to stop with "max_prompt_length (512) must be
+    less than max_length"."""
+    from alignkit.examples import pairwise_rows, write_jsonl
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairwise_rows(8, seed=1))
+    out = tmp_path / "run"
+    assert main(["dpo", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out),
+                 "--max-length", "512", "--max-steps", "1", "--batch-size", "4"]) == 0, capsys.readouterr().err
+    assert (out / "final").is_dir()

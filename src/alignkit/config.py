@@ -47,7 +47,8 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "AdamW beta2.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
     max_length: int = option(1024, "Longest prompt + response in tokens; longer responses are cut at the end.")
-    max_prompt_length: int = option(512, "Longest prompt in tokens; longer prompts keep their last tokens.")
+    max_prompt_length: int = option(0, "Longest prompt in tokens; longer prompts keep their last tokens. "
+                                    "0 = half of max_length.")
     eval_every: int = option(0, "Evaluate every N steps (and at the start and the end); 0 = only at the end.")
     save_every: int = option(0, "Checkpoint every N steps for resume; 0 = keep no intermediate checkpoints.")
     group_by_length: bool = option(True, "Batch examples of similar length together (less padding); order stays seeded.")
@@ -73,11 +74,14 @@ class TrainConfig:
             raise UserError('field "model" is required (a checkpoint folder)')
         if not self.data:
             raise UserError('field "data" is required (one or more data files)')
-        for name in ("batch_size", "grad_accum", "log_every", "max_length", "max_prompt_length", "keep_checkpoints",
-                     "max_bad_steps"):
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f'field "{name}" must be at least 1, got {getattr(self, name)}')
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "lora_r", "eval_batch_size", "num_threads"):
+        if self.max_length < 2:
+            raise UserError(f'field "max_length" must be at least 2 (a prompt token and a response token), '
+                            f'got {self.max_length}')
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "lora_r", "eval_batch_size", "num_threads",
+                     "max_prompt_length"):
             if getattr(self, name) < 0:
                 raise UserError(f'field "{name}" must be 0 or more, got {getattr(self, name)}')
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -86,9 +90,9 @@ class TrainConfig:
             raise UserError('set "max_steps" or a positive, finite "epochs"')
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f'field "eval_fraction" must be in [0, 1), got {self.eval_fraction}')
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length >= self.max_length:  # 0 (half of max_length, see data.tokenize) always fits
             raise UserError(f'"max_prompt_length" ({self.max_prompt_length}) must be less than "max_length" '
-                            f'({self.max_length}) so that a response fits')
+                            f'({self.max_length}) so that a response fits; or leave it at 0 = half of max_length')
 
 
 @dataclass(frozen=True)
@@ -209,7 +213,6 @@ class PPOConfig(TrainConfig):
     temperature: float = option(1.0, "Sampling temperature (log-probs are read at the same temperature).")
     top_p: float = option(1.0, "Nucleus sampling threshold.")
     max_length: int = option(512, "Longest prompt + response in tokens.")
-    max_prompt_length: int = option(256, "Longest prompt in tokens (longer ones keep their end).")
 
     def __post_init__(self):
         super().__post_init__()
