@@ -114,3 +114,46 @@ def test_dpo_with_only_max_length_runs(tmp_path, tiny_model_dir, capsys):
     assert main(["dpo", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out),
                  "--max-length", "512", "--max-steps", "1", "--batch-size", "4"]) == 0, capsys.readouterr().err
     assert (out / "final").is_dir()
+
+
+def test_samples_per_prompt_defaults_by_algorithm():
+    """0 (the default) = 1 for ppo, 4 for rloo and grpo; the field keeps what was given. An explicit 1 with a
+    critic-free algorithm is still an error (its baseline needs a group)."""
+    from alignkit.config import PPOConfig
+
+    base = {"model": "m", "data": ["a"], "reward_fn": "python:alignkit.examples:good_word_share"}
+    for algo, group in (("ppo", 1), ("rloo", 4), ("grpo", 4)):
+        cfg = build_config(PPOConfig, {}, {**base, "algo": algo})
+        assert (cfg.samples_per_prompt, cfg.group_size) == (0, group)
+        assert build_config(PPOConfig, {}, {**base, "algo": algo, "samples_per_prompt": "3"}).group_size == 3
+    for algo in ("rloo", "grpo"):
+        with pytest.raises(UserError, match=f'algo "{algo}" needs samples_per_prompt of at least 2'):
+            build_config(PPOConfig, {}, {**base, "algo": algo, "samples_per_prompt": "1"})
+    with pytest.raises(UserError, match='"samples_per_prompt" must be 0'):
+        build_config(PPOConfig, {}, {**base, "samples_per_prompt": "-1"})
+    with pytest.raises(UserError, match=r"must divide rollout_batch_size × samples_per_prompt \(3 × 4\)"):
+        build_config(PPOConfig, {}, {**base, "algo": "grpo", "rollout_batch_size": "3", "num_minibatches": "8"})
+
+
+@pytest.mark.parametrize("algo, group", [("rloo", 4), ("grpo", 4), ("ppo", 1)])
+def test_ppo_command_runs_each_algorithm_without_samples_per_prompt(tmp_path, tiny_model_dir, capsys, algo, group):
+    """`alignkit ppo --algo rloo` (or grpo) used to stop with "needs samples_per_prompt of at least 2". The first
+    iteration's samples (samples.jsonl) show the group: 2 prompts × `group` samples each."""
+    from alignkit.examples import pairwise_rows, write_jsonl
+
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": r["prompt"]} for r in pairwise_rows(8, seed=2)])
+    out = tmp_path / "run"
+    assert main(["ppo", "--algo", algo, "--model", tiny_model_dir, "--data", str(prompts), "--output-dir", str(out),
+                 "--reward-fn", "python:alignkit.examples:good_word_share", "--rollout-batch-size", "2",
+                 "--max-steps", "1", "--max-new-tokens", "4"]) == 0, capsys.readouterr().err
+    first = json.loads((out / "samples.jsonl").read_text().splitlines()[0])
+    sampled = [s["prompt"] for s in first["samples"]]
+    assert len(sampled) == 2 * group
+    assert sampled[:group] == [sampled[0]] * group and sampled[group:] == [sampled[-1]] * group
+
+
+def test_ppo_help_says_how_samples_per_prompt_defaults(capsys):
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "0 = by algo: 1 for ppo, 4 for rloo and grpo. (default: 0)" in out

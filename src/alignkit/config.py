@@ -197,8 +197,9 @@ class PPOConfig(TrainConfig):
     ppo_epochs: int = option(1, "Passes over each rollout.")
     num_minibatches: int = option(1, "Minibatches per pass.")
     rollout_batch_size: int = option(16, "Prompts per iteration.")
-    samples_per_prompt: int = option(1, "Completions per prompt (the group for rloo/grpo; at least 2 there).")
-    eval_samples_per_prompt: int = option(0, "Completions per held-out prompt (eval_data or eval_fraction) at each evaluation; 0 = samples_per_prompt.")
+    samples_per_prompt: int = option(0, "Completions per prompt (the group for rloo/grpo; at least 2 there); "
+                                     "0 = by algo: 1 for ppo, 4 for rloo and grpo.")
+    eval_samples_per_prompt: int = option(0, "Completions per held-out prompt (eval_data or eval_fraction) at each evaluation; 0 = as in training (samples_per_prompt, by algo when 0).")
     heldout_reward_models: tuple[str, ...] = option((), "Reward models scored but never trained on (reward/heldout); the detector flags when they disagree with the training reward.")
     stop_on_hacking: bool = option(False, "Stop the run when the reward-hacking detector flags (best/ keeps the policy at the flag either way).")
     hacking_kl_budget: float = option(0.0, "Detector: flag when the mean sequence KL exceeds this (nats); 0 = no budget.")
@@ -214,14 +215,24 @@ class PPOConfig(TrainConfig):
     top_p: float = option(1.0, "Nucleus sampling threshold.")
     max_length: int = option(512, "Longest prompt + response in tokens.")
 
+    @property
+    def group_size(self) -> int:
+        """Completions sampled per prompt: `samples_per_prompt`, or the algorithm's default when it is 0 —
+        1 for ppo, 4 for rloo and grpo (a group to compare against, as TRL's num_generations)."""
+        return self.samples_per_prompt or (1 if self.algo == "ppo" else 4)
+
     def __post_init__(self):
         super().__post_init__()
-        if self.algo in ("rloo", "grpo") and self.samples_per_prompt < 2:
-            raise UserError(f'algo "{self.algo}" needs samples_per_prompt of at least 2')
+        if self.samples_per_prompt < 0:
+            raise UserError(f'field "samples_per_prompt" must be 0 (by algo) or more, got {self.samples_per_prompt}')
+        if self.algo in ("rloo", "grpo") and self.group_size < 2:
+            raise UserError(f'algo "{self.algo}" needs samples_per_prompt of at least 2 (or 0 = 4), '
+                            f'got {self.samples_per_prompt}')
         if not (self.reward_models or self.reward_model or self.reward_fn):
             raise UserError('give reward_models (or reward_model) and/or reward_fn')
-        if self.rollout_batch_size * self.samples_per_prompt % self.num_minibatches:
-            raise UserError('"num_minibatches" must divide rollout_batch_size × samples_per_prompt')
+        if self.rollout_batch_size * self.group_size % self.num_minibatches:
+            raise UserError(f'"num_minibatches" must divide rollout_batch_size × samples_per_prompt '
+                            f'({self.rollout_batch_size} × {self.group_size})')
         if not self.temperature > 0:
             raise UserError(f'field "temperature" must be positive, got {self.temperature}')
         for name in ("hacking_kl_budget", "hacking_length_ratio", "hacking_distinct_ratio", "hacking_ensemble_ratio",
