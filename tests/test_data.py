@@ -5,7 +5,13 @@ import json
 import pytest
 
 from alignkit.data.check import check_rows, format_report
-from alignkit.data.convert import pairwise_to_unary, ranked_to_pairwise, ranked_to_unary
+from alignkit.data.convert import (
+    comparisons_as,
+    pairwise_to_ranked,
+    pairwise_to_unary,
+    ranked_to_pairwise,
+    ranked_to_unary,
+)
 from alignkit.data.formats import LoadResult, load_rows, read_records
 from alignkit.data.rows import PairRow, PromptRow, RankedRow, SFTRow, UnaryRow, tie_groups
 from alignkit.errors import DataError, UserError
@@ -584,6 +590,27 @@ def test_ranked_to_pairwise_without_scores_and_all_tied():
     assert ranked_to_pairwise([ranked([2, 2])], "best_worst") == []
     with pytest.raises(UserError, match="mode must be one of"):
         ranked_to_pairwise([row], "random")
+
+
+def test_pairwise_to_ranked_and_comparisons_as_either_kind():
+    """A pair is a ranking of two (best first, no scores, the margin dropped); a ranking becomes every pair it
+    orders. Either way round the ordered pairs are the same, and rows already of the kind pass through."""
+    pair = PairRow("Hi", "Hello!", "Go away.", 2.0, "p:3")
+    chat = PairRow([user("Hi")], [assistant("Hello!")], [assistant("No.")], None, "p:4")
+    assert pairwise_to_ranked([pair, chat]) == [
+        RankedRow("Hi", ["Hello!", "Go away."], None, "p:3"),
+        RankedRow([user("Hi")], [[assistant("Hello!")], [assistant("No.")]], None, "p:4"),
+    ]
+    row = ranked([3, 1, 3, 2], "r:9")  # best first: r0, r2 (tied), r3, r1
+    assert comparisons_as([pair, row], "ranked") == [RankedRow("Hi", ["Hello!", "Go away."], None, "p:3"), row]
+    as_pairs = comparisons_as([row, pair], "pairwise")
+    assert as_pairs == ranked_to_pairwise([row], "all") + [pair]
+    assert [(p.chosen, p.rejected) for p in as_pairs[:5]] == [("r0", "r3"), ("r0", "r1"), ("r2", "r3"),
+                                                               ("r2", "r1"), ("r3", "r1")]
+    assert comparisons_as(comparisons_as([pair], "ranked"), "pairwise") == [PairRow("Hi", "Hello!", "Go away.", None,
+                                                                                    "p:3")]
+    with pytest.raises(TypeError, match="u:1: not a comparison row"):
+        comparisons_as([UnaryRow("Hi", "Yo", True, "u:1")], "pairwise")
 
 
 def test_pairwise_to_unary():
