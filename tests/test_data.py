@@ -631,6 +631,48 @@ def test_ranked_to_unary_skips_rows_whose_best_and_worst_tie():
     ]
 
 
+def test_pairwise_to_unary_from_a_file_of_every_pair_shape(tmp_path):
+    """Strings with a margin, a conversation with a prompt, full conversations, an HH-RLHF transcript: each
+    pair gives (chosen, desirable) then (rejected, undesirable) with the pair's own prompt and source line; the
+    margin has no place in a unary row."""
+    hh = "\n\nHuman: Hi\n\nAssistant:"
+    records = [
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "margin": 2.0},
+        {"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("No.")]},
+        {"chosen": [user("Yo"), assistant("Hey!")], "rejected": [user("Yo"), assistant("Bye.")]},
+        {"chosen": hh + " Hello!", "rejected": hh + " Go away."},
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    unary = pairwise_to_unary(load_rows(str(path), "auto").rows)
+    assert unary == [
+        UnaryRow("Hi", "Hello!", True, f"{path}:1"), UnaryRow("Hi", "Go away.", False, f"{path}:1"),
+        UnaryRow([user("Hi")], [assistant("Hello!")], True, f"{path}:2"),
+        UnaryRow([user("Hi")], [assistant("No.")], False, f"{path}:2"),
+        UnaryRow([user("Yo")], [assistant("Hey!")], True, f"{path}:3"),
+        UnaryRow([user("Yo")], [assistant("Bye.")], False, f"{path}:3"),
+        UnaryRow(hh, " Hello!", True, f"{path}:4"), UnaryRow(hh, " Go away.", False, f"{path}:4"),
+    ]
+    assert pairwise_to_unary([]) == []
+
+
+def test_ranked_to_unary_from_scores_with_ties_at_both_ends(tmp_path):
+    """Scores sort best first (stable, ties keep their order): the first of the best tie group is desirable,
+    the last of the worst undesirable, nothing in between is used; an all-tied row gives nothing; a row
+    without scores is ordered as written."""
+    records = [
+        {"prompt": "Q1", "responses": ["a", "b", "c", "d", "e"], "scores": [1, 3, 3, 0, 0]},  # b c a d e
+        {"prompt": "Q2", "responses": ["x", "y"], "scores": [2, 2]},
+        {"prompt": [user("Q3")], "responses": [[assistant("best")], [assistant("mid")], [assistant("worst")]]},
+    ]
+    path = write_jsonl(tmp_path / "ranked.jsonl", records)
+    assert ranked_to_unary(load_rows(str(path), "auto").rows) == [
+        UnaryRow("Q1", "b", True, f"{path}:1"),
+        UnaryRow("Q1", "e", False, f"{path}:1"),
+        UnaryRow([user("Q3")], [assistant("best")], True, f"{path}:3"),
+        UnaryRow([user("Q3")], [assistant("worst")], False, f"{path}:3"),
+    ]
+
+
 # -------------------------------------------------------------------------------------------- data check
 
 

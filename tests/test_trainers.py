@@ -42,6 +42,83 @@ def test_sft_on_messages_trains_on_assistant_turns(tmp_path, tiny_model_dir, har
     assert evals[-1] < evals[0] and last["eval/loss"] == evals[-1]
 
 
+CHATS = [
+    [{"role": "system", "content": "kind"}, {"role": "user", "content": "copy cat"},
+     {"role": "assistant", "content": "cat"}, {"role": "user", "content": "copy dog owl"},
+     {"role": "assistant", "content": "dog owl"}],
+    [{"role": "user", "content": "copy red fox"}, {"role": "assistant", "content": "red fox"}],
+]
+
+
+def _assistant_positions(words: list[str]) -> list[int]:
+    """Positions of assistant-turn tokens, read off the rendered words alone (default template:
+    `assistant : <content> </s>`): everything after `assistant :` up to and including its `</s>`."""
+    positions, inside = [], False
+    for i, w in enumerate(words):
+        if inside:
+            positions.append(i)
+            inside = w != "</s>"
+        elif w == ":" and i > 0 and words[i - 1] == "assistant":
+            inside = True
+    return positions
+
+
+@pytest.mark.parametrize("completion_only", [True, False])
+def test_sft_loss_on_messages_is_the_nll_of_assistant_tokens_only(tiny_model_dir, tokenizer, completion_only):
+    """Token level, against plain transformers in float64: sft_step_loss on a padded batch of two
+    conversations equals Σ −log p(token) over exactly the assistant-turn tokens (content and EOS, both turns
+    of the first chat) — system and user turns, role markers and padding are never targets — and, with
+    completion_only_loss false, over every token after the first."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.data.collate import collate_sequences
+    from alignkit.data.rows import SFTRow
+    from alignkit.data.tokenize import Encoder
+    from alignkit.train.sft import sft_step_loss
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
+    encoder = Encoder(tokenizer, max_length=64)
+    seqs = [encoder.sft(SFTRow(None, None, chat, "x:1"), completion_only) for chat in CHATS]
+    expected, targets = 0.0, []
+    for seq in seqs:
+        words = tokenizer.convert_ids_to_tokens(seq.ids)
+        positions = _assistant_positions(words) if completion_only else list(range(1, len(words)))
+        targets.append([words[i] for i in positions])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([seq.ids])).logits[0], -1)
+        expected -= sum(float(logp[i - 1, seq.ids[i]]) for i in positions)
+    if completion_only:
+        assert targets == [["cat", "</s>", "dog", "owl", "</s>"], ["red", "fox", "</s>"]]
+    batch = collate_sequences(seqs, tokenizer.pad_token_id)
+    assert batch.num_targets == sum(map(len, targets))
+    with torch.no_grad():
+        loss = sft_step_loss(model, batch).loss
+    assert float(loss) == pytest.approx(expected, rel=1e-12)
+
+
+def test_sft_first_logged_loss_is_the_mean_nll_of_assistant_tokens(tmp_path, tiny_model_dir, tokenizer, harness):
+    """End to end: `alignkit sft` on `messages` rows logs, at step 1 (before its update), the mean −log p over
+    the assistant-turn tokens of the batch (8 of them in the two chats), as plain transformers computes it."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    total, count = 0.0, 0
+    for chat in CHATS:
+        text = tokenizer.apply_chat_template(chat, tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        positions = _assistant_positions(tokenizer.convert_ids_to_tokens(ids))
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].double(), -1)
+        total -= sum(float(logp[i - 1, ids[i]]) for i in positions)
+        count += len(positions)
+    assert count == 8
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": chat} for chat in CHATS])
+    out = tmp_path / "run"
+    train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=1, batch_size=2,
+                        lr=1e-3))
+    assert harness.metrics(out)[0]["loss"] == pytest.approx(total / count, rel=1e-5)
+
+
 @pytest.mark.parametrize("kind", ["pairwise", "ranked4", "ranked4-pairs"])
 def test_reward_model_reaches_90_percent_heldout_with_plain_transformers(tmp_path, tiny_model_dir, kind, harness):
     rows = pairwise_rows(480, seed=5) if kind == "pairwise" else ranked_rows(240, k=4, seed=5)
