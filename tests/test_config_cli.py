@@ -1,8 +1,6 @@
 """Config resolution (defaults ← YAML ← options), unknown fields, --help, and user errors → exit 2."""
 
 import json
-import subprocess
-import sys
 
 import pytest
 
@@ -76,11 +74,10 @@ def test_missing_model_folder_is_a_user_error(tmp_path, capsys):
     assert not out.exists()
 
 
-def test_real_entry_point_exit_status_and_no_traceback(tmp_path):
+def test_real_entry_point_exit_status_and_no_traceback(tmp_path, harness):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": 3, "rejected": "c"}\n')
-    proc = subprocess.run([sys.executable, "-m", "alignkit", "data", "check", str(bad)],
-                          capture_output=True, text=True)
+    proc = harness.alignkit(["data", "check", bad], check=False)
     assert proc.returncode == 2
     assert f"{bad}:2:" in proc.stderr and '"chosen"' in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -207,7 +207,7 @@ def test_rows_with_nothing_to_learn_are_dropped_and_no_rows_left_is_a_user_error
     assert "no row has trainable tokens" in capsys.readouterr().err
 
 
-def test_bf16_training_keeps_float32_master_weights(tmp_path, tiny_model_dir):
+def test_bf16_training_keeps_float32_master_weights(tmp_path, tiny_model_dir, harness):
     """dtype bfloat16: the forward runs under autocast, the weights stay float32 so small updates land."""
     from safetensors.torch import load_file
 
@@ -217,7 +217,7 @@ def test_bf16_training_keeps_float32_master_weights(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), batch_size=8, max_steps=3,
                         lr=2e-5, dtype="bfloat16", lr_schedule="constant"))
-    after = load_file(out / "final" / "model.safetensors")
+    after = harness.final_weights(out)
     before = load_file(f"{tiny_model_dir}/model.safetensors")
     w = "model.layers.0.mlp.down_proj.weight"
     assert after[w].dtype == torch.float32
