@@ -24,7 +24,7 @@ METHODS = [
     ("hinge β=0.1", "dpo", {"loss": "hinge", "beta": 0.1}),
     ("ipo β=0.1", "dpo", {"loss": "ipo", "beta": 0.1}),
     ("simpo β=2 γ=0.5", "dpo", {"loss": "simpo", "beta": 2.0, "simpo_gamma": 0.5}),
-    ("rdpo α=-0.01", "dpo", {"loss": "rdpo", "beta": 0.1, "rdpo_alpha": -0.01}),
+    ("rdpo α=0.01", "dpo", {"loss": "rdpo", "beta": 0.1, "rdpo_alpha": 0.01}),
     ("kto β=0.1", "kto", {"beta": 0.1}),
 ]
 

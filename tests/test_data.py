@@ -5,7 +5,13 @@ import json
 import pytest
 
 from alignkit.data.check import check_rows, format_report
-from alignkit.data.convert import pairwise_to_unary, ranked_to_pairwise, ranked_to_unary
+from alignkit.data.convert import (
+    comparisons_as,
+    pairwise_to_ranked,
+    pairwise_to_unary,
+    ranked_to_pairwise,
+    ranked_to_unary,
+)
 from alignkit.data.formats import LoadResult, load_rows, read_records
 from alignkit.data.rows import PairRow, PromptRow, RankedRow, SFTRow, UnaryRow, tie_groups
 from alignkit.errors import DataError, UserError
@@ -586,6 +592,27 @@ def test_ranked_to_pairwise_without_scores_and_all_tied():
         ranked_to_pairwise([row], "random")
 
 
+def test_pairwise_to_ranked_and_comparisons_as_either_kind():
+    """A pair is a ranking of two (best first, no scores, the margin dropped); a ranking becomes every pair it
+    orders. Either way round the ordered pairs are the same, and rows already of the kind pass through."""
+    pair = PairRow("Hi", "Hello!", "Go away.", 2.0, "p:3")
+    chat = PairRow([user("Hi")], [assistant("Hello!")], [assistant("No.")], None, "p:4")
+    assert pairwise_to_ranked([pair, chat]) == [
+        RankedRow("Hi", ["Hello!", "Go away."], None, "p:3"),
+        RankedRow([user("Hi")], [[assistant("Hello!")], [assistant("No.")]], None, "p:4"),
+    ]
+    row = ranked([3, 1, 3, 2], "r:9")  # best first: r0, r2 (tied), r3, r1
+    assert comparisons_as([pair, row], "ranked") == [RankedRow("Hi", ["Hello!", "Go away."], None, "p:3"), row]
+    as_pairs = comparisons_as([row, pair], "pairwise")
+    assert as_pairs == ranked_to_pairwise([row], "all") + [pair]
+    assert [(p.chosen, p.rejected) for p in as_pairs[:5]] == [("r0", "r3"), ("r0", "r1"), ("r2", "r3"),
+                                                               ("r2", "r1"), ("r3", "r1")]
+    assert comparisons_as(comparisons_as([pair], "ranked"), "pairwise") == [PairRow("Hi", "Hello!", "Go away.", None,
+                                                                                    "p:3")]
+    with pytest.raises(TypeError, match="u:1: not a comparison row"):
+        comparisons_as([UnaryRow("Hi", "Yo", True, "u:1")], "pairwise")
+
+
 def test_pairwise_to_unary():
     rows = [PairRow("Hi", "Hello!", "Go away.", 1.0, "p:3")]
     assert pairwise_to_unary(rows) == [
@@ -601,6 +628,48 @@ def test_ranked_to_unary_skips_rows_whose_best_and_worst_tie():
         UnaryRow("Hi", "r0", False, "r:1"),
         UnaryRow("Q", "a", True, "r:3"),
         UnaryRow("Q", "b", False, "r:3"),
+    ]
+
+
+def test_pairwise_to_unary_from_a_file_of_every_pair_shape(tmp_path):
+    """Strings with a margin, a conversation with a prompt, full conversations, an HH-RLHF transcript: each
+    pair gives (chosen, desirable) then (rejected, undesirable) with the pair's own prompt and source line; the
+    margin has no place in a unary row."""
+    hh = "\n\nHuman: Hi\n\nAssistant:"
+    records = [
+        {"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away.", "margin": 2.0},
+        {"prompt": [user("Hi")], "chosen": [assistant("Hello!")], "rejected": [assistant("No.")]},
+        {"chosen": [user("Yo"), assistant("Hey!")], "rejected": [user("Yo"), assistant("Bye.")]},
+        {"chosen": hh + " Hello!", "rejected": hh + " Go away."},
+    ]
+    path = write_jsonl(tmp_path / "pairs.jsonl", records)
+    unary = pairwise_to_unary(load_rows(str(path), "auto").rows)
+    assert unary == [
+        UnaryRow("Hi", "Hello!", True, f"{path}:1"), UnaryRow("Hi", "Go away.", False, f"{path}:1"),
+        UnaryRow([user("Hi")], [assistant("Hello!")], True, f"{path}:2"),
+        UnaryRow([user("Hi")], [assistant("No.")], False, f"{path}:2"),
+        UnaryRow([user("Yo")], [assistant("Hey!")], True, f"{path}:3"),
+        UnaryRow([user("Yo")], [assistant("Bye.")], False, f"{path}:3"),
+        UnaryRow(hh, " Hello!", True, f"{path}:4"), UnaryRow(hh, " Go away.", False, f"{path}:4"),
+    ]
+    assert pairwise_to_unary([]) == []
+
+
+def test_ranked_to_unary_from_scores_with_ties_at_both_ends(tmp_path):
+    """Scores sort best first (stable, ties keep their order): the first of the best tie group is desirable,
+    the last of the worst undesirable, nothing in between is used; an all-tied row gives nothing; a row
+    without scores is ordered as written."""
+    records = [
+        {"prompt": "Q1", "responses": ["a", "b", "c", "d", "e"], "scores": [1, 3, 3, 0, 0]},  # b c a d e
+        {"prompt": "Q2", "responses": ["x", "y"], "scores": [2, 2]},
+        {"prompt": [user("Q3")], "responses": [[assistant("best")], [assistant("mid")], [assistant("worst")]]},
+    ]
+    path = write_jsonl(tmp_path / "ranked.jsonl", records)
+    assert ranked_to_unary(load_rows(str(path), "auto").rows) == [
+        UnaryRow("Q1", "b", True, f"{path}:1"),
+        UnaryRow("Q1", "e", False, f"{path}:1"),
+        UnaryRow([user("Q3")], [assistant("best")], True, f"{path}:3"),
+        UnaryRow([user("Q3")], [assistant("worst")], False, f"{path}:3"),
     ]
 
 

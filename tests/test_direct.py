@@ -1,24 +1,14 @@
 """dpo and kto: every variant learns a learnable preference (tests that can fail), the reference is handled
 as documented, precomputation and prefix sharing change nothing numerically, and runs resume exactly."""
 
-import json
 import random
 
 import pytest
-import torch
 
 from alignkit.config import DPOConfig, KTOConfig
 from alignkit.examples import pairwise_rows, write_jsonl
 from alignkit.train.dpo import train_dpo
 from alignkit.train.kto import train_kto
-
-
-def _metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def _evals(run_dir, key):
-    return [m[key] for m in _metrics(run_dir) if key in m and "eval/loss" in m]
 
 
 @pytest.fixture(scope="module")
@@ -45,26 +35,47 @@ def _dpo(model, data, out, **kw):
 
 @pytest.mark.parametrize("loss, extra", [
     ("sigmoid", {}), ("sigmoid", {"label_smoothing": 0.1}), ("robust", {"label_smoothing": 0.1}),
-    ("hinge", {}), ("ipo", {}), ("simpo", {"beta": 2.0}), ("rdpo", {"rdpo_alpha": -0.01}),
+    ("hinge", {}), ("ipo", {}), ("simpo", {"beta": 2.0}), ("rdpo", {}),
 ])
-def test_every_dpo_variant_learns(tmp_path, tiny_model_dir, pairs_file, loss, extra):
+def test_every_dpo_variant_learns(tmp_path, tiny_model_dir, pairs_file, loss, extra, harness):
     out = tmp_path / "run"
     last = _dpo(tiny_model_dir, pairs_file, out, loss=loss, **extra)
-    train_acc = [m["rewards/accuracy"] for m in _metrics(out) if "rewards/accuracy" in m and "eval/loss" not in m]
+    train_acc = [m["rewards/accuracy"] for m in harness.metrics(out)
+                 if "rewards/accuracy" in m and "eval/loss" not in m]
     assert max(train_acc[-5:]) > 0.8, train_acc
-    margins = _evals(out, "eval/rewards/margin")
+    margins = harness.values(out, "eval/rewards/margin")
     assert margins[-1] > margins[0] + 0.1, margins
     assert last["eval/rewards/accuracy"] > 0.8
 
 
-def test_first_dpo_loss_is_log2_against_the_starting_model(tmp_path, tiny_model_dir, pairs_file):
+def test_first_dpo_loss_is_log2_against_the_starting_model(tmp_path, tiny_model_dir, pairs_file, harness):
     """ref = policy at step 0, so h = 0 and the sigmoid loss is log 2 = 0.6931471805599453 exactly."""
     out = tmp_path / "run"
     _dpo(tiny_model_dir, pairs_file, out, max_steps=1, eval_fraction=0.0)
-    assert _metrics(out)[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
+    assert harness.metrics(out)[0]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)
 
 
-def test_precompute_and_prefix_sharing_change_nothing(tmp_path, tiny_model_dir, pairs_file):
+@pytest.mark.parametrize("longer", ["chosen", "rejected"])
+def test_first_rdpo_loss_sees_the_length_gap_with_the_default_alpha(tmp_path, tiny_model_dir, longer, harness):
+    """h = 0 at step 0, so R-DPO's first loss is −log σ(α·(|y_c| − |y_r|)) with the default α = 0.01. Every
+    pair's responses differ by 10 words (word tokenizer: 10 tokens; both end with EOS): a longer chosen
+    response gives log(1 + e^−0.1) = 0.6443966600735709 (below log 2: length is taken out of its reward), a
+    longer rejected one log(1 + e^0.1) = 0.744396660073571."""
+    rng = random.Random(3)
+    rows = []
+    for r in pairwise_rows(16, seed=13):
+        extra = " ".join(rng.choice(["the", "very", "so", "and"]) for _ in range(10))
+        long, short = f"{r['chosen']} {extra}", r["chosen"]
+        rows.append({"prompt": r["prompt"], "chosen": long if longer == "chosen" else short,
+                     "rejected": short if longer == "chosen" else long})
+    data = str(write_jsonl(tmp_path / "pairs.jsonl", rows))
+    out = tmp_path / "run"
+    _dpo(tiny_model_dir, data, out, loss="rdpo", max_steps=1, eval_fraction=0.0)
+    expected = 0.6443966600735709 if longer == "chosen" else 0.744396660073571
+    assert harness.metrics(out)[0]["loss"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_precompute_and_prefix_sharing_change_nothing(tmp_path, tiny_model_dir, pairs_file, harness):
     """On-the-fly reference, no prefix sharing, plain padding: the same first steps as the fast default."""
     from alignkit.examples import make_tiny_model
 
@@ -74,28 +85,28 @@ def test_precompute_and_prefix_sharing_change_nothing(tmp_path, tiny_model_dir, 
         out = tmp_path / name
         _dpo(tiny_model_dir, pairs_file, out, max_steps=3, eval_fraction=0.0, ref_model=ref, lr=1e-4, beta=2.0,
              group_by_length=False, **kw)
-        runs[name] = [m["loss"] for m in _metrics(out)]
+        runs[name] = [m["loss"] for m in harness.metrics(out)]
     assert abs(runs["fast"][0] - 0.6931) > 0.02, runs
     assert runs["fast"] == pytest.approx(runs["slow"], rel=1e-4)
     assert (tmp_path / "fast" / "ref_logps.safetensors").is_file()
     assert not (tmp_path / "slow" / "ref_logps.safetensors").exists()
 
 
-def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, tiny_model_dir, pairs_file):
+def test_lora_reference_is_the_policy_with_adapters_disabled(tmp_path, tiny_model_dir, pairs_file, harness):
     out = tmp_path / "run"
     last = _dpo(tiny_model_dir, pairs_file, out, lora_r=8, lora_alpha=16, lr=5e-3, precompute_ref=False)
-    assert _metrics(out)[1]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # step 1: B = 0 at init
+    assert harness.metrics(out)[1]["loss"] == pytest.approx(0.6931471805599453, abs=1e-6)  # step 1: B = 0 at init
     assert last["eval/rewards/accuracy"] > 0.7
 
 
-def test_kto_learns_on_unary_data(tmp_path, tiny_model_dir, unary_file, capsys):
+def test_kto_learns_on_unary_data(tmp_path, tiny_model_dir, unary_file, capsys, harness):
     out = tmp_path / "run"
     last = train_kto(KTOConfig(model=tiny_model_dir, data=(unary_file,), output_dir=str(out), epochs=1, batch_size=16,
                                lr=1e-3, eval_fraction=0.1, eval_every=10, max_length=64, max_prompt_length=32))
-    margins = _evals(out, "eval/rewards/margin")
+    margins = harness.values(out, "eval/rewards/margin")
     assert margins[-1] > margins[0] + 0.1, margins
     assert last["eval/rewards/accuracy"] > 0.8
-    kls = [m["eval/kl"] for m in _metrics(out) if "eval/kl" in m]
+    kls = harness.values(out, "eval/kl")
     assert kls[0] == 0.0 and all(k == k for k in kls)  # policy = reference at the start; finite after
     assert (out / "ref_logps.safetensors").is_file()
 
@@ -123,14 +134,8 @@ def test_kto_reference_point_uses_mismatched_pairs(tiny_model_dir, tokenizer):
     assert [e.label for e in examples] == [True, False, True, False, True]
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("method", ["dpo", "kto"])
-def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, pairs_file, monkeypatch, method):
-    from safetensors.torch import load_file
-
+def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, pairs_file, harness, method):
     from alignkit.train import loop
 
     cls, train = (DPOConfig, train_dpo) if method == "dpo" else (KTOConfig, train_kto)
@@ -141,22 +146,14 @@ def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, pair
                    max_prompt_length=32)
 
     train(cfg(tmp_path / "straight"))
-    real_step, calls = loop.train_step, {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise Crash()
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", crashing_step)
-    with pytest.raises(Crash):
-        train(cfg(tmp_path / "resumed"))
     ref_file = tmp_path / "resumed" / "ref_logps.safetensors"
-    stamp = ref_file.stat().st_mtime_ns
-    monkeypatch.setattr(loop, "train_step", real_step)
-    train(cfg(tmp_path / "resumed"))
-    assert ref_file.stat().st_mtime_ns == stamp  # the stored reference log-probs were reused
-    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    stamps = []
+
+    def run():
+        if ref_file.exists():
+            stamps.append(ref_file.stat().st_mtime_ns)
+        train(cfg(tmp_path / "resumed"))
+
+    harness.crash_and_resume(loop, "train_step", at=5, run=run)
+    assert stamps == [ref_file.stat().st_mtime_ns]  # the stored reference log-probs were reused
+    harness.assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed")

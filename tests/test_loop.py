@@ -1,7 +1,6 @@
 """The shared training mechanics: schedules, data order, accumulation invariance, NaN guard, checkpoints,
 exact resume after a crash."""
 
-import json
 import math
 
 import pytest
@@ -104,16 +103,10 @@ def _write_run_inputs(tmp_path, kind):
     return write_jsonl(tmp_path / "prefs.jsonl", pairwise_rows(64, seed=1))
 
 
-class Crash(Exception):
-    pass
-
-
 @pytest.mark.parametrize("kind", ["sft", "reward"])
-def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, monkeypatch, kind):
+def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, harness, kind):
     """Crash inside step 7 (after the step-6 checkpoint), run again: the final weights equal an uninterrupted
     run's exactly. Uses dropout so that RNG restoration matters too."""
-    from safetensors.torch import load_file
-
     from alignkit.examples import make_tiny_model
     from alignkit.train.reward import train_reward
     from alignkit.train.sft import train_sft
@@ -127,33 +120,21 @@ def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, monk
                    grad_accum=2, lr=1e-3, lr_schedule="cosine", warmup_steps=2, save_every=3, eval_fraction=0.0)
 
     train(cfg(tmp_path / "straight"))
+    checkpoints = []
 
-    real_step = loop.train_step
-    calls = {"n": 0}
-
-    def crashing_step(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 7:
-            raise Crash()
-        return real_step(*args, **kwargs)
-
-    monkeypatch.setattr(loop, "train_step", crashing_step)
-    with pytest.raises(Crash):
+    def run():
+        if (tmp_path / "resumed" / "checkpoints").exists():
+            checkpoints.append(sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()))
         train(cfg(tmp_path / "resumed"))
-    assert sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir()) == ["step-3", "step-6"]
-    monkeypatch.setattr(loop, "train_step", real_step)
-    train(cfg(tmp_path / "resumed"))
 
-    a = load_file(tmp_path / "straight" / "final" / "model.safetensors")
-    b = load_file(tmp_path / "resumed" / "final" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    steps = [json.loads(line)["step"] for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    harness.crash_and_resume(loop, "train_step", at=7, run=run)
+    assert checkpoints == [["step-3", "step-6"]]  # what the crash left behind
+    harness.assert_same_final_weights(tmp_path / "straight", tmp_path / "resumed")
+    steps = harness.values(tmp_path / "resumed", "step")
     assert steps == sorted(steps) and steps.count(7) == 1  # nothing logged twice after the resume
 
 
-def test_half_written_checkpoint_is_never_used(tmp_path, tiny_model_dir):
+def test_half_written_checkpoint_is_never_used(tmp_path, tiny_model_dir, harness):
     from alignkit.train.sft import train_sft
 
     data = _write_run_inputs(tmp_path, "sft")
@@ -163,8 +144,7 @@ def test_half_written_checkpoint_is_never_used(tmp_path, tiny_model_dir):
     train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=2, batch_size=4))
     assert (out / "final" / "model.safetensors").is_file()
     assert not (out / "checkpoints" / ".step-9.tmp").exists()
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2]  # started from scratch
+    assert harness.values(out, "step") == [1, 2]  # started from scratch
 
 
 def test_completed_run_is_not_redone(tmp_path, tiny_model_dir, capsys):
@@ -179,7 +159,7 @@ def test_completed_run_is_not_redone(tmp_path, tiny_model_dir, capsys):
     assert (tmp_path / "run" / "final" / "model.safetensors").stat().st_mtime_ns == mtime
 
 
-def test_torn_metrics_line_and_changed_settings_on_resume(tmp_path, tiny_model_dir):
+def test_torn_metrics_line_and_changed_settings_on_resume(tmp_path, tiny_model_dir, harness):
     from alignkit.errors import UserError
     from alignkit.train.sft import train_sft
 
@@ -191,21 +171,20 @@ def test_torn_metrics_line_and_changed_settings_on_resume(tmp_path, tiny_model_d
     with open(out / "metrics.jsonl", "a") as f:
         f.write('{"step": 3, "loss": 1.2')  # a line torn by kill -9
     train_sft(SFTConfig(**base, max_steps=4))
-    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4]
+    assert harness.values(out, "step") == [1, 2, 3, 4]
     (out / "final").rename(tmp_path / "old-final-2")
     with pytest.raises(UserError, match=r"other settings \(batch_size 4 → 8"):
         train_sft(SFTConfig(**{**base, "batch_size": 8}, max_steps=4))
 
 
-def test_logged_lr_is_the_rate_used_and_metrics_are_one_object_per_step(tmp_path, tiny_model_dir):
+def test_logged_lr_is_the_rate_used_and_metrics_are_one_object_per_step(tmp_path, tiny_model_dir, harness):
     from alignkit.train.sft import train_sft
 
     data = _write_run_inputs(tmp_path, "sft")
     out = tmp_path / "run"
     train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), batch_size=4, max_steps=4,
                         lr=1e-3, lr_schedule="linear", eval_fraction=0.25, eval_every=2))
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = harness.metrics(out)
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
     assert [r["lr"] for r in records[1:]] == pytest.approx([1e-3, 7.5e-4, 5e-4, 2.5e-4])
     assert "eval/loss" in records[2] and "loss" in records[2]
@@ -228,7 +207,7 @@ def test_rows_with_nothing_to_learn_are_dropped_and_no_rows_left_is_a_user_error
     assert "no row has trainable tokens" in capsys.readouterr().err
 
 
-def test_bf16_training_keeps_float32_master_weights(tmp_path, tiny_model_dir):
+def test_bf16_training_keeps_float32_master_weights(tmp_path, tiny_model_dir, harness):
     """dtype bfloat16: the forward runs under autocast, the weights stay float32 so small updates land."""
     from safetensors.torch import load_file
 
@@ -238,7 +217,7 @@ def test_bf16_training_keeps_float32_master_weights(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), batch_size=8, max_steps=3,
                         lr=2e-5, dtype="bfloat16", lr_schedule="constant"))
-    after = load_file(out / "final" / "model.safetensors")
+    after = harness.final_weights(out)
     before = load_file(f"{tiny_model_dir}/model.safetensors")
     w = "model.layers.0.mlp.down_proj.weight"
     assert after[w].dtype == torch.float32

@@ -217,6 +217,47 @@ def test_dpo_rdpo_hand_value():
     close(loss, LOG2)
 
 
+def _optimal_margin(variant, alpha, beta=0.1, p=0.8, long=30, short=10):
+    """β·h* minimising the expected loss of one pair of responses, the long one (`long` tokens) preferred with
+    probability p: p·ℓ(long ≻ short) + (1 − p)·ℓ(short ≻ long), h = log-ratio(long) − log-ratio(short)."""
+    h = torch.zeros(1, dtype=F64, requires_grad=True)
+    zero = torch.zeros(1, dtype=F64)
+    lengths = torch.tensor([long]), torch.tensor([short])
+
+    def expected_loss():
+        kwargs = {"beta": beta, "variant": variant, "alpha": alpha}
+        won = dpo_loss(h, zero, zero, zero, chosen_lengths=lengths[0], rejected_lengths=lengths[1], **kwargs)
+        lost = dpo_loss(zero, h, zero, zero, chosen_lengths=lengths[1], rejected_lengths=lengths[0], **kwargs)
+        return (p * won + (1 - p) * lost).sum()
+
+    for _ in range(30):  # Newton's method: the expected loss is smooth and convex in h
+        (grad,) = torch.autograd.grad(expected_loss(), h, create_graph=True)
+        (curvature,) = torch.autograd.grad(grad.sum(), h)
+        with torch.no_grad():
+            h -= grad / curvature
+    return beta * float(h.detach())
+
+
+def test_rdpo_default_alpha_takes_length_out_of_the_implicit_reward():
+    """The long response (30 tokens) beats the short one (10) with probability p = 0.8. DPO's optimum is
+    βh* = logit 0.8 = log 4 = 1.3862943611198906; R-DPO's is βh* = logit p − αΔ with Δ = 20, so with the
+    default α = 0.01 the long response's implicit-reward margin is 0.2 lower: length is taken out. (With α < 0,
+    the old default, it would be 0.2 higher: length rewarded twice.)"""
+    from dataclasses import fields
+
+    from alignkit.config import DPOConfig
+
+    alpha = next(f.default for f in fields(DPOConfig) if f.name == "rdpo_alpha")
+    assert alpha > 0
+    dpo = _optimal_margin("sigmoid", alpha)
+    rdpo = _optimal_margin("rdpo", alpha)
+    assert dpo == pytest.approx(math.log(4), abs=1e-8)
+    assert rdpo == pytest.approx(math.log(4) - alpha * 20, abs=1e-8)
+    assert rdpo < dpo
+    # a shorter preferred response gets the length gap back: the same pair seen from the short side
+    assert _optimal_margin("rdpo", alpha, long=10, short=30) == pytest.approx(math.log(4) + alpha * 20, abs=1e-8)
+
+
 def test_dpo_errors():
     args = logps_with_margin([1.0])
     with pytest.raises(ValueError, match="hinge.*ipo.*rdpo.*robust.*sigmoid.*simpo"):

@@ -45,6 +45,16 @@ def test_truncation_keeps_prompt_end_and_bos_and_cuts_response_end(tokenizer):
     assert len(seq) == 7
 
 
+def test_prompt_limit_defaults_to_half_of_max_length(tokenizer):
+    """max_prompt_length 0 (the configs' default) = max_length // 2: with max_length 8 a 7-token prompt keeps
+    BOS and its last 3 tokens; an explicit limit wins."""
+    seq = Encoder(tokenizer, max_length=8).sft(SFTRow("copy red blue green gold ->", "cat dog owl bee", None, "x:1"))
+    assert words(tokenizer, seq.ids) == ["<s>", "green", "gold", "->", "cat", "dog", "owl", "bee"]
+    assert Encoder(tokenizer, max_length=8, max_prompt_length=0).max_prompt_length == 4
+    assert Encoder(tokenizer, max_length=8, max_prompt_length=6).max_prompt_length == 6
+    assert Encoder(tokenizer, max_length=2).max_prompt_length == 1
+
+
 def test_messages_train_on_assistant_turns_only(tokenizer):
     enc = Encoder(tokenizer, 64, 32)
     messages = [{"role": "system", "content": "kind"}, {"role": "user", "content": "copy cat"},

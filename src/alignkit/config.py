@@ -47,7 +47,8 @@ class TrainConfig:
     adam_beta2: float = option(0.999, "AdamW beta2.")
     max_grad_norm: float = option(1.0, "Clip the global gradient norm to this; 0 = no clipping.")
     max_length: int = option(1024, "Longest prompt + response in tokens; longer responses are cut at the end.")
-    max_prompt_length: int = option(512, "Longest prompt in tokens; longer prompts keep their last tokens.")
+    max_prompt_length: int = option(0, "Longest prompt in tokens; longer prompts keep their last tokens. "
+                                    "0 = half of max_length.")
     eval_every: int = option(0, "Evaluate every N steps (and at the start and the end); 0 = only at the end.")
     save_every: int = option(0, "Checkpoint every N steps for resume; 0 = keep no intermediate checkpoints.")
     group_by_length: bool = option(True, "Batch examples of similar length together (less padding); order stays seeded.")
@@ -74,11 +75,14 @@ class TrainConfig:
             raise UserError('field "model" is required (a checkpoint folder)')
         if not self.data:
             raise UserError('field "data" is required (one or more data files)')
-        for name in ("batch_size", "grad_accum", "log_every", "max_length", "max_prompt_length", "keep_checkpoints",
-                     "max_bad_steps"):
+        for name in ("batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_bad_steps"):
             if getattr(self, name) < 1:
                 raise UserError(f'field "{name}" must be at least 1, got {getattr(self, name)}')
-        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "lora_r", "eval_batch_size", "num_threads"):
+        if self.max_length < 2:
+            raise UserError(f'field "max_length" must be at least 2 (a prompt token and a response token), '
+                            f'got {self.max_length}')
+        for name in ("max_steps", "warmup_steps", "eval_every", "save_every", "lora_r", "eval_batch_size", "num_threads",
+                     "max_prompt_length"):
             if getattr(self, name) < 0:
                 raise UserError(f'field "{name}" must be 0 or more, got {getattr(self, name)}')
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -87,9 +91,9 @@ class TrainConfig:
             raise UserError('set "max_steps" or a positive, finite "epochs"')
         if not 0.0 <= self.eval_fraction < 1.0:
             raise UserError(f'field "eval_fraction" must be in [0, 1), got {self.eval_fraction}')
-        if self.max_prompt_length >= self.max_length:
+        if self.max_prompt_length >= self.max_length:  # 0 (half of max_length, see data.tokenize) always fits
             raise UserError(f'"max_prompt_length" ({self.max_prompt_length}) must be less than "max_length" '
-                            f'({self.max_length}) so that a response fits')
+                            f'({self.max_length}) so that a response fits; or leave it at 0 = half of max_length')
 
 
 @dataclass(frozen=True)
@@ -141,7 +145,8 @@ class DPOConfig(PreferenceConfig):
     label_smoothing: float = option(0.0, "ε: assumed share of flipped labels (cDPO / robust DPO).")
     ipo_average: bool = option(True, "IPO on per-token averaged log-probs (as in TRL) instead of sums.")
     simpo_gamma: float = option(0.5, "γ: SimPO's target reward margin.")
-    rdpo_alpha: float = option(-0.01, "α in −log σ(βh + α(|y_c| − |y_r|)); negative penalises longer chosen responses.")
+    rdpo_alpha: float = option(0.01, "α in −log σ(βh + α(|y_c| − |y_r|)), per token of length gap; > 0 takes length "
+                               "out of the implicit reward (at the optimum βh = logit p − αΔ).")
     pairs_from_ranked: str = option("all", "How ranked rows become pairs.", ("all", "adjacent", "best_worst"))
 
     def __post_init__(self):
@@ -196,8 +201,9 @@ class PPOConfig(TrainConfig):
     ppo_epochs: int = option(1, "Passes over each rollout.")
     num_minibatches: int = option(1, "Minibatches per pass.")
     rollout_batch_size: int = option(16, "Prompts per iteration.")
-    samples_per_prompt: int = option(1, "Completions per prompt (the group for rloo/grpo; at least 2 there).")
-    eval_samples_per_prompt: int = option(0, "Completions per held-out prompt (eval_data or eval_fraction) at each evaluation; 0 = samples_per_prompt.")
+    samples_per_prompt: int = option(0, "Completions per prompt (the group for rloo/grpo; at least 2 there); "
+                                     "0 = by algo: 1 for ppo, 4 for rloo and grpo.")
+    eval_samples_per_prompt: int = option(0, "Completions per held-out prompt (eval_data or eval_fraction) at each evaluation; 0 = as in training (samples_per_prompt, by algo when 0).")
     heldout_reward_models: tuple[str, ...] = option((), "Reward models scored but never trained on (reward/heldout); the detector flags when they disagree with the training reward.")
     stop_on_hacking: bool = option(False, "Stop the run when the reward-hacking detector flags (best/ keeps the policy at the flag either way).")
     hacking_kl_budget: float = option(0.0, "Detector: flag when the mean sequence KL exceeds this (nats); 0 = no budget.")
@@ -212,16 +218,25 @@ class PPOConfig(TrainConfig):
     temperature: float = option(1.0, "Sampling temperature (log-probs are read at the same temperature).")
     top_p: float = option(1.0, "Nucleus sampling threshold.")
     max_length: int = option(512, "Longest prompt + response in tokens.")
-    max_prompt_length: int = option(256, "Longest prompt in tokens (longer ones keep their end).")
+
+    @property
+    def group_size(self) -> int:
+        """Completions sampled per prompt: `samples_per_prompt`, or the algorithm's default when it is 0 —
+        1 for ppo, 4 for rloo and grpo (a group to compare against, as TRL's num_generations)."""
+        return self.samples_per_prompt or (1 if self.algo == "ppo" else 4)
 
     def __post_init__(self):
         super().__post_init__()
-        if self.algo in ("rloo", "grpo") and self.samples_per_prompt < 2:
-            raise UserError(f'algo "{self.algo}" needs samples_per_prompt of at least 2')
+        if self.samples_per_prompt < 0:
+            raise UserError(f'field "samples_per_prompt" must be 0 (by algo) or more, got {self.samples_per_prompt}')
+        if self.algo in ("rloo", "grpo") and self.group_size < 2:
+            raise UserError(f'algo "{self.algo}" needs samples_per_prompt of at least 2 (or 0 = 4), '
+                            f'got {self.samples_per_prompt}')
         if not (self.reward_models or self.reward_model or self.reward_fn):
             raise UserError('give reward_models (or reward_model) and/or reward_fn')
-        if self.rollout_batch_size * self.samples_per_prompt % self.num_minibatches:
-            raise UserError('"num_minibatches" must divide rollout_batch_size × samples_per_prompt')
+        if self.rollout_batch_size * self.group_size % self.num_minibatches:
+            raise UserError(f'"num_minibatches" must divide rollout_batch_size × samples_per_prompt '
+                            f'({self.rollout_batch_size} × {self.group_size})')
         if not self.temperature > 0:
             raise UserError(f'field "temperature" must be positive, got {self.temperature}')
         for name in ("hacking_kl_budget", "hacking_length_ratio", "hacking_distinct_ratio", "hacking_ensemble_ratio",

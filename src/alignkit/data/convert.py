@@ -1,4 +1,5 @@
-"""Conversions between row kinds: ranked → pairwise, pairwise → unary (for KTO), ranked → unary.
+"""Conversions between row kinds: ranked → pairwise, pairwise → ranked (a ranking of two), pairwise → unary
+(for KTO), ranked → unary.
 
 Each new row keeps the ``source`` of the row it came from, so later errors still point into the file.
 """
@@ -38,6 +39,29 @@ def _pair_indices(groups: list[int], mode: str) -> list[tuple[int, int]]:
     else:
         candidates = list(combinations(range(len(groups)), 2))
     return [(i, j) for i, j in candidates if groups[i] != groups[j]]
+
+
+def pairwise_to_ranked(rows: list[PairRow]) -> list[RankedRow]:
+    """A pair is a ranking of two: (chosen, rejected), best first, untied. The margin has no place in a
+    ranking and is dropped."""
+    return [RankedRow(row.prompt, [row.chosen, row.rejected], None, row.source) for row in rows]
+
+
+def comparisons_as(rows: list[PairRow | RankedRow], kind: str) -> list[PairRow | RankedRow]:
+    """Pairwise or ranked rows as rows of `kind` ("pairwise" or "ranked"), so that any comparison data can
+    evaluate a model trained on either: a pair becomes a ranking of two, a ranking every pair it orders
+    (``all``). Either way the ordered pairs are the same, so pair accuracy means the same thing."""
+    if kind not in ("pairwise", "ranked"):
+        raise ValueError(f"kind must be pairwise or ranked, got {kind!r}")
+    out: list[PairRow | RankedRow] = []
+    for row in rows:
+        if isinstance(row, RankedRow):
+            out.extend([row] if kind == "ranked" else ranked_to_pairwise([row]))
+        elif isinstance(row, PairRow):
+            out.extend([row] if kind == "pairwise" else pairwise_to_ranked([row]))
+        else:
+            raise TypeError(f"{row.source}: not a comparison row ({type(row).__name__})")
+    return out
 
 
 def pairwise_to_unary(rows: list[PairRow]) -> list[UnaryRow]:

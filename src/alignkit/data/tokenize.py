@@ -8,8 +8,8 @@
   prompt's generation prompt.
 - Multi-turn `messages`: loss on the assistant turns only. Each turn is the template's text between
   rendering the conversation up to the turn (with the generation prompt) and up to its end.
-- Truncation: a prompt longer than `max_prompt_length` keeps its last tokens (the question is at the end)
-  and its BOS;
+- Truncation: a prompt longer than `max_prompt_length` (0 = half of `max_length`) keeps its last tokens (the
+  question is at the end) and its BOS;
   then a response that does not fit `max_length` is cut at its end (it loses its EOS).
 """
 
@@ -64,15 +64,24 @@ def _encode_text(tokenizer, text: str, special: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=special).input_ids)
 
 
-class Encoder:
-    """Encodes prompts and responses of any row kind with one tokenizer and one set of length limits."""
+def prompt_length_limit(max_length: int, max_prompt_length: int = 0) -> int:
+    """The longest prompt in tokens: `max_prompt_length`, or half of `max_length` when it is 0 (the configs'
+    default, so that `--max-length` alone never leaves the prompt limit above it)."""
+    return max_prompt_length or max(1, max_length // 2)
 
-    def __init__(self, tokenizer, max_length: int = 1024, max_prompt_length: int = 512):
+
+class Encoder:
+    """Encodes prompts and responses of any row kind with one tokenizer and one set of length limits.
+
+    `max_prompt_length` 0 = half of `max_length` (`prompt_length_limit`); the attribute holds the limit in use.
+    """
+
+    def __init__(self, tokenizer, max_length: int = 1024, max_prompt_length: int = 0):
         ensure_chat_template(tokenizer)
         ensure_pad_token(tokenizer)
         self.tokenizer = tokenizer
         self.max_length = max_length
-        self.max_prompt_length = max_prompt_length
+        self.max_prompt_length = prompt_length_limit(max_length, max_prompt_length)
         self.eos_id = tokenizer.eos_token_id
 
     # -- pieces -------------------------------------------------------------------------------------------

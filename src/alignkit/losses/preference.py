@@ -84,7 +84,12 @@ def dpo_simpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rej
 
 
 def dpo_rdpo(*, h, beta, chosen_lengths, rejected_lengths, alpha=0.0, **_):
-    """−log σ(βh + α·(|y_c| − |y_r|))  (R-DPO, Park et al. 2024)."""
+    """−log σ(βh + α·(|y_c| − |y_r|))  (R-DPO, Park et al. 2024), lengths in response tokens.
+
+    α > 0 regularises length: the loss is minimal (for a pair preferred with probability p) at
+    βh = logit p − α·(|y_c| − |y_r|), so a chosen response that is longer by Δ tokens earns αΔ less implicit
+    reward than plain DPO gives it, and a shorter one αΔ more. α < 0 would reward length instead.
+    """
     length_gap = (chosen_lengths - rejected_lengths).to(h.dtype)  # (B,)
     return -F.logsigmoid(beta * h + alpha * length_gap)
 

@@ -8,16 +8,18 @@ import sys
 from alignkit.data.formats import load_rows
 
 
-def load_train_eval(cfg, kind: str, allowed: tuple[str, ...] | None = None):
+def load_train_eval(cfg, kind: str, allowed: tuple[str, ...] | None = None, eval_kind: str | None = None):
     """Rows for training and evaluation. Everything is validated here, before the run folder exists, so a
     bad file stops the run with nothing half-written.
 
-    Without `eval_data`, `eval_fraction` of the training rows (a seeded shuffle) is held out.
+    `eval_data` rows are read as `eval_kind` (e.g. "auto", within `allowed`; the caller converts them), by
+    default as the training rows' kind. Without `eval_data`, `eval_fraction` of the training rows (a seeded
+    shuffle) is held out.
     """
     train = _load(cfg.data, kind, cfg.on_bad_row, allowed)
     rows = list(train.rows)
     if cfg.eval_data:
-        eval_rows = list(_load(cfg.eval_data, train.kind, cfg.on_bad_row, allowed).rows)
+        eval_rows = list(_load(cfg.eval_data, eval_kind or train.kind, cfg.on_bad_row, allowed).rows)
     elif cfg.eval_fraction > 0 and len(rows) >= 2:
         order = list(range(len(rows)))
         random.Random(cfg.seed).shuffle(order)

@@ -216,9 +216,9 @@ def compute_advantages(cfg, values, *, scores, old_logps, ref_logps, mask, kl_co
         return masked_whiten(advantages, mask).detach(), returns.detach()
     if cfg.algo == "rloo":
         token_kl = torch.where(mask, kl_penalty(old_logps, ref_logps, cfg.kl_estimator), 0.0)
-        seq_adv = rloo_advantages(scores - kl_coef * token_kl.sum(-1), cfg.samples_per_prompt)
+        seq_adv = rloo_advantages(scores - kl_coef * token_kl.sum(-1), cfg.group_size)
     else:
-        seq_adv = grpo_advantages(scores, cfg.samples_per_prompt)
+        seq_adv = grpo_advantages(scores, cfg.group_size)
     return torch.where(mask, seq_adv.unsqueeze(1).expand_as(mask), 0.0), None
 
 
@@ -283,7 +283,7 @@ def train_ppo(cfg) -> dict:
     device = default_device()
     last: dict = {}
     started = time.perf_counter()
-    k = cfg.samples_per_prompt
+    k = cfg.group_size
 
     def held_out_evaluation() -> dict:
         """eval/* metrics on the held-out prompts, sampled as in training with the same seed every time."""

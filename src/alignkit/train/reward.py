@@ -23,7 +23,7 @@ from alignkit.data.collate import (
     collate_pairs,
     collate_rankings,
 )
-from alignkit.data.convert import ranked_to_pairwise
+from alignkit.data.convert import comparisons_as, ranked_to_pairwise
 from alignkit.data.rows import PairRow, RankedRow, tie_groups
 from alignkit.data.tokenize import Encoder
 from alignkit.losses import bradley_terry_loss, plackett_luce_loss
@@ -87,12 +87,13 @@ def ranked_step_loss(model, batch: RankedBatch, center: float = 0.0) -> StepOutp
 def train_reward(cfg) -> dict:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
-    kind, train_rows, eval_rows = load_train_eval(cfg, "auto", allowed=("pairwise", "ranked"))
+    kind, train_rows, eval_rows = load_train_eval(cfg, "auto", allowed=("pairwise", "ranked"), eval_kind="auto")
     model = load_reward_model(cfg.model, tokenizer, cfg.dtype, cfg.trust_remote_code)  # may add a pad token
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     pad = tokenizer.pad_token_id
     if kind == "ranked" and cfg.ranked_loss == "pairs":
-        kind, train_rows, eval_rows = "pairwise", ranked_to_pairwise(train_rows), ranked_to_pairwise(eval_rows)
+        kind, train_rows = "pairwise", ranked_to_pairwise(train_rows)
+    eval_rows = comparisons_as(eval_rows, kind)  # any comparison kind evaluates: a pair is a ranking of two
     if kind == "pairwise":
         encode, collate = encode_pair, (collate_packed_pairs if cfg.prefix_sharing else collate_pairs)
         loss = lambda m, b: pairwise_step_loss(m, b, cfg.use_margin, cfg.center_rewards)
