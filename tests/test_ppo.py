@@ -40,10 +40,16 @@ def test_each_algorithm_raises_the_rule_reward(tmp_path, tiny_model_dir, prompts
     first, final = sum(x["reward/score"] for x in m[:5]) / 5, sum(x["reward/score"] for x in m[-5:]) / 5
     assert final - first >= 0.08, (first, final)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference policy
-    for key in ("kl", "kl_coef", "response_length", "entropy", "clipfrac", "policy_loss", "value_loss",
-                "hacking/length_ratio", "hacking/reward_length_corr", "hacking/distinct_2", "hacking/repetition",
-                "hacking/flag"):
+    for key in ("kl", "kl_coef", "response_length", "entropy", "clipfrac", "policy_loss", "loss", "lr",
+                "tokens_per_s", "hacking/length_ratio", "hacking/reward_length_corr", "hacking/distinct_2",
+                "hacking/repetition", "hacking/flag"):
         assert all(key in x and x[key] == x[key] for x in m), key  # logged and finite
+    if algo == "ppo":  # a value model that learns: its loss is positive and falls
+        assert all(x["value_loss"] > 0 for x in m)
+        assert sum(x["value_loss"] for x in m[-5:]) < sum(x["value_loss"] for x in m[:5])
+    else:  # no value model: no value loss to log
+        assert not any("value_loss" in x for x in m)
+    assert all(x["tokens_per_s"] > 0 for x in m)
     assert (out / "final" / "model.safetensors").is_file()
 
 
@@ -111,7 +117,7 @@ def test_packed_rollout_log_probs_and_values_equal_padded_ones(tiny_model_dir, t
     from alignkit.data.collate import Tokenized, collate_sequences
     from alignkit.models.load import load_reward_model
     from alignkit.models.logps import packed_target_logps, packed_token_values, sequence_logps, token_values
-    from alignkit.train.ppo import RolloutPacker, scatter_tokens
+    from alignkit.rl.responses import RolloutPacker, scatter_tokens
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
     value = load_reward_model(tiny_model_dir, tokenizer).double().eval()
@@ -276,9 +282,10 @@ def test_old_log_probs_come_from_the_sampler_only_in_float32(tiny_model_dir, tok
     from transformers import AutoModelForCausalLM
 
     from alignkit.models.logps import packed_target_logps
+    from alignkit.models.precision import autocast_context
+    from alignkit.rl.responses import RolloutPacker, scatter_tokens
     from alignkit.rl.rollout import generate
-    from alignkit.train.loop import autocast_context
-    from alignkit.train.ppo import RolloutPacker, measure, scatter_tokens
+    from alignkit.train.ppo import measure
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = [tokenizer("copy cat dog ->").input_ids] * 2 + [tokenizer("list ->").input_ids] * 2
