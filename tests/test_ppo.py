@@ -462,3 +462,20 @@ def test_ppo_help_lists_only_fields_it_uses(capsys):
         assert gone not in text, gone
     assert main(["ppo", "--model", "m", "--data", "x", "--reward-fn", RULE, "--batch-size", "4"]) == 2
     assert 'unknown field "batch_size"' in capsys.readouterr().err
+
+
+def test_generate_fn_samples_the_rollouts_and_the_evaluations(tmp_path, tiny_model_dir, prompts_file):
+    """`GenerateFn` is a real injection point: a backend given to train_ppo samples every rollout and every
+    held-out evaluation (here a wrapper of the default that counts its calls)."""
+    from alignkit.rl.rollout import generate
+
+    calls = []
+
+    def counting(model, prompts, **kw):
+        calls.append(len(prompts))
+        return generate(model, prompts, **kw)
+
+    train_ppo(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", algo="grpo", max_steps=2, eval_every=1,
+                   eval_fraction=0.02, eval_samples_per_prompt=2), generate_fn=counting)
+    # evaluations at steps 0, 1, 2 (4 held-out prompts × 2 samples, one batch each) and 2 rollouts of 4 × 4
+    assert sorted(calls) == [8, 8, 8, 16, 16]
