@@ -1,7 +1,8 @@
 """The rollout engine: batched sampling with a KV cache, and the log-probs of what was sampled.
 
 `generate` is the default `GenerateFn`; anything with the same call signature (a vLLM backend, say) can
-replace it: `train_ppo(cfg, generate_fn=...)` and `evaluate_policy(..., generate_fn=...)` take one. Prompts are left-padded so every row's next token sits in the last column; position ids count
+replace it: `train_ppo(cfg, generate_fn=...)` and `evaluate_policy(..., generate_fn=...)` take one.
+Prompts are left-padded so every row's next token sits in the last column; position ids count
 real tokens only, so padding changes nothing. Sampling uses its own `torch.Generator`, seeded by the caller
 (e.g. from the run seed and the iteration), which makes rollouts reproducible and resumable without any
 global RNG state.

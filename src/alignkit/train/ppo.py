@@ -203,12 +203,14 @@ class PPOTrainer(Trainer):
             value_tokenizer = load_tokenizer(init, cfg.trust_remote_code)
             check_same_vocabulary(tokenizer, value_tokenizer, init)
             self.value = load_reward_model(init, value_tokenizer, cfg.dtype, cfg.trust_remote_code)
-        self.modules = torch.nn.ModuleDict({"policy": self.policy, **({"value": self.value} if self.value else {})})
+        trained = {"policy": self.policy} if self.value is None else {"policy": self.policy, "value": self.value}
+        self.modules = torch.nn.ModuleDict(trained)
         self.compute_dtype = training_dtypes(cfg.dtype)[1]
         self.order = DataOrder(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.prompts) / cfg.rollout_batch_size))
-        self.controller = AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.kl_target > 0 else None
         self.kl_coef = cfg.kl_coef
+        self.controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
+                           if cfg.kl_target > 0 else None)
         self.monitors = Monitors(HackingDetector.from_config(cfg), tokenizer, self.save_final)
         self.evaluates = bool(self.eval_prompts)
         # what fixes the prompts, the rollouts and the schedule: a checkpoint only resumes a run with the same
