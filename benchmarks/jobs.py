@@ -106,12 +106,7 @@ def alignkit_online(world, steps, data, out, algo="grpo"):
                         samples_per_prompt=SAMPLES, max_new_tokens=NEW_TOKENS, lr=LR, kl_coef=KL, seed=SEED,
                         resume="never", max_length=512, max_prompt_length=256))
     with open(os.path.join(out, "final", "alignkit_run.json")) as f:
-        return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds_online(out)
-
-
-def _loop_seconds_online(out):
-    with open(os.path.join(out, "metrics.jsonl")) as f:
-        return [json.loads(line) for line in f][-1]["elapsed_s"]
+        return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds(out)
 
 
 def trl_online(world, steps, data, out, algo="grpo"):
@@ -148,7 +143,7 @@ def alignkit_ppo(world, steps, data, out):
                         max_new_tokens=NEW_TOKENS, ppo_epochs=1, num_minibatches=1, lr=LR, kl_coef=KL,
                         temperature=1.0, seed=SEED, resume="never", max_length=512, max_prompt_length=256))
     with open(os.path.join(out, "final", "alignkit_run.json")) as f:
-        return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds_online(out)
+        return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds(out)
 
 
 def trl_ppo(world, steps, data, out, checkpointing=False):

@@ -57,7 +57,8 @@ def test_help_lists_every_field_with_default_and_doc(capsys):
         for f in config_fields(cls):
             assert "--" + f.name.replace("_", "-") in out
             assert f.metadata["doc"].split()[0] in out
-        assert "(default: 8)" in out  # batch_size
+        if "batch_size" in [f.name for f in config_fields(cls)]:  # not a ppo field: an iteration is a rollout
+            assert "(default: 8)" in out
 
 
 def test_bool_flag_alone_means_true():

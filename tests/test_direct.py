@@ -134,6 +134,30 @@ def test_kto_reference_point_uses_mismatched_pairs(tiny_model_dir, tokenizer):
     assert [e.label for e in examples] == [True, False, True, False, True]
 
 
+def test_kto_reference_point_is_one_per_optimizer_step(tmp_path, tiny_model_dir, unary_file):
+    """The same 4 examples as one batch of 4, or as 2 micro-batches of 2 accumulated: z0 is the mismatched-pair
+    KL over the whole step either way, so the first loss, z0 and the update agree. (Estimated per micro-batch,
+    the two halves would each get their own z0.) The policy starts away from the reference, so that z0 > 0."""
+    from safetensors.torch import load_file
+
+    from alignkit.examples import make_tiny_model
+
+    policy = str(make_tiny_model(tmp_path / "policy", seed=3))
+    runs = []
+    for batch_size, grad_accum in ((4, 1), (2, 2)):
+        out = tmp_path / f"b{batch_size}x{grad_accum}"
+        last = train_kto(KTOConfig(model=policy, data=(unary_file,), ref_model=tiny_model_dir, output_dir=str(out),
+                                   max_steps=1, batch_size=batch_size, grad_accum=grad_accum, group_by_length=False,
+                                   lr=1e-4, lr_schedule="constant", beta=1.0, max_length=64, max_prompt_length=32))
+        runs.append((last, load_file(out / "final" / "model.safetensors")))
+    (one, w_one), (two, w_two) = runs
+    assert one["kl"] > 0.01  # the reference point is not clamped to 0 here
+    assert two["kl"] == pytest.approx(one["kl"], rel=1e-5)
+    assert two["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    worst = max(float((w_one[k] - w_two[k]).abs().max()) for k in w_one)
+    assert worst < 1e-5, worst  # lr 1e-4: an update in another direction would differ by up to 2e-4
+
+
 @pytest.mark.parametrize("method", ["dpo", "kto"])
 def test_crash_and_resume_gives_identical_weights(tmp_path, tiny_model_dir, pairs_file, harness, method):
     from alignkit.train import loop

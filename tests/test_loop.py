@@ -1,6 +1,7 @@
 """The shared training mechanics: schedules, data order, accumulation invariance, NaN guard, checkpoints,
 exact resume after a crash."""
 
+import json
 import math
 
 import pytest
@@ -65,9 +66,8 @@ def test_accumulation_equals_one_big_batch(tiny_model_dir):
         model = load_causal_lm(tiny_model_dir, "float32").double()
         task = _sft_task(model, examples, 0)
         opt = loop.build_optimizer(model, cfg)
-        sched = loop.build_scheduler(opt, cfg, 1)
         batches = [task.collate(examples[i:i + micro]) for i in range(0, 8, micro)]
-        m = train_step(model, opt, sched, batches, task, max_grad_norm=0.0)
+        m = train_step(model, opt, batches, task, max_grad_norm=0.0)
         results.append((m, {n: p.detach().clone() for n, p in model.named_parameters()}))
     (m_big, p_big), (m_small, p_small) = results
     assert m_big["loss"] == pytest.approx(m_small["loss"], rel=1e-12)
@@ -234,3 +234,37 @@ def test_length_grouped_order_covers_each_epoch_and_groups_lengths():
     assert spread < 10  # similar lengths together (random batches would spread ~80)
     assert epoch != [order.batch(k) for k in range(50, 100)]
     assert DataOrder(400, 8, seed=1, lengths=lengths).batch(7) == epoch[7]
+
+
+def test_a_multi_process_launch_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """`accelerate launch --num_processes 2` sets WORLD_SIZE=2: each process would train its own copy into one
+    folder, so the run refuses (exit 2, one line, no traceback) and writes nothing."""
+    from alignkit.cli import main
+
+    data = _write_run_inputs(tmp_path, "sft")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    out = tmp_path / "run"
+    assert main(["sft", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "multi-process training is not supported yet" in err and "Traceback" not in err
+    assert not out.exists()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert main(["sft", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out), "--max-steps", "1"]) == 0
+
+
+def test_resume_never_removes_every_artefact_of_the_previous_run(tmp_path, tiny_model_dir):
+    """`resume: never` starts over: the previous run's samples, best/, hacking.json and tracker logs go with its
+    checkpoints and metrics; the fingerprinted reference log-probs stay (a new run reuses them when they match)."""
+    from alignkit.train.sft import train_sft
+
+    data = _write_run_inputs(tmp_path, "sft")
+    out = tmp_path / "run"
+    (out / "best").mkdir(parents=True)
+    (out / "best" / "model.safetensors").write_text("old")
+    (out / "tensorboard").mkdir()
+    for name in ("samples.jsonl", "hacking.json", "ref_logps.safetensors", "metrics.jsonl"):
+        (out / name).write_text('{"step": 9}\n')
+    train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=1, batch_size=4,
+                        resume="never"))
+    assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "final", "metrics.jsonl", "ref_logps.safetensors"]
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -40,10 +40,16 @@ def test_each_algorithm_raises_the_rule_reward(tmp_path, tiny_model_dir, prompts
     first, final = sum(x["reward/score"] for x in m[:5]) / 5, sum(x["reward/score"] for x in m[-5:]) / 5
     assert final - first >= 0.08, (first, final)
     assert m[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # the first rollout comes from the reference policy
-    for key in ("kl", "kl_coef", "response_length", "entropy", "clipfrac", "policy_loss", "value_loss",
-                "hacking/length_ratio", "hacking/reward_length_corr", "hacking/distinct_2", "hacking/repetition",
-                "hacking/flag"):
+    for key in ("kl", "kl_coef", "response_length", "entropy", "clipfrac", "policy_loss", "loss", "lr",
+                "tokens_per_s", "hacking/length_ratio", "hacking/reward_length_corr", "hacking/distinct_2",
+                "hacking/repetition", "hacking/flag"):
         assert all(key in x and x[key] == x[key] for x in m), key  # logged and finite
+    if algo == "ppo":  # a value model that learns: its loss is positive and falls
+        assert all(x["value_loss"] > 0 for x in m)
+        assert sum(x["value_loss"] for x in m[-5:]) < sum(x["value_loss"] for x in m[:5])
+    else:  # no value model: no value loss to log
+        assert not any("value_loss" in x for x in m)
+    assert all(x["tokens_per_s"] > 0 for x in m)
     assert (out / "final" / "model.safetensors").is_file()
 
 
@@ -63,10 +69,18 @@ def test_reward_model_ensemble_and_gold(tmp_path, tiny_model_dir, prompts_file):
         rms.append(str(out / "final"))
     out = tmp_path / "run"
     train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo="rloo", max_steps=3, reward_fn="", reward_models=tuple(rms),
-                   ensemble="uwo", gold_fn=RULE, heldout_reward_models=(rms[1],)))
+                   ensemble="uwo", gold_fn=RULE, heldout_reward_models=(rms[1],), hacking_window=1, hacking_patience=1,
+                   hacking_kl_budget=1e-6))
     m = _metrics(out)
     assert all(x["hacking/ensemble_std"] > 0 and 0 <= x["reward/gold"] <= 1 for x in m)
-    assert all(x["reward/heldout"] == x["reward/heldout"] and x["hacking/flag"] == 0.0 for x in m)
+    assert all(x["reward/heldout"] == x["reward/heldout"] for x in m)
+    # a detector with a window of 1 compares from iteration 2 on: the first update moved the policy past a KL
+    # budget of 1e-6, so it flags there (not before: no baseline yet), keeps best/ and says why
+    assert [x["hacking/flag"] for x in m] == [0.0, 1.0, 1.0] and m[1]["kl"] > 1e-6
+    record = json.loads((out / "hacking.json").read_text())
+    assert record["flag_step"] == 2 and "over the budget" in record["reasons"][0]
+    assert (out / "best" / "model.safetensors").is_file()
+    assert json.loads((out / "final" / "alignkit_run.json").read_text())["hacking"] == record
 
 
 def test_kl_target_moves_the_coefficient_towards_it(tmp_path, tiny_model_dir, prompts_file):
@@ -111,7 +125,7 @@ def test_packed_rollout_log_probs_and_values_equal_padded_ones(tiny_model_dir, t
     from alignkit.data.collate import Tokenized, collate_sequences
     from alignkit.models.load import load_reward_model
     from alignkit.models.logps import packed_target_logps, packed_token_values, sequence_logps, token_values
-    from alignkit.train.ppo import RolloutPacker, scatter_tokens
+    from alignkit.rl.responses import RolloutPacker, scatter_tokens
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float64).eval()
     value = load_reward_model(tiny_model_dir, tokenizer).double().eval()
@@ -276,9 +290,10 @@ def test_old_log_probs_come_from_the_sampler_only_in_float32(tiny_model_dir, tok
     from transformers import AutoModelForCausalLM
 
     from alignkit.models.logps import packed_target_logps
+    from alignkit.models.precision import autocast_context
+    from alignkit.rl.responses import RolloutPacker, scatter_tokens
     from alignkit.rl.rollout import generate
-    from alignkit.train.loop import autocast_context
-    from alignkit.train.ppo import RolloutPacker, measure, scatter_tokens
+    from alignkit.train.ppo import measure
 
     policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     ids = [tokenizer("copy cat dog ->").input_ids] * 2 + [tokenizer("list ->").input_ids] * 2
@@ -296,3 +311,171 @@ def test_old_log_probs_come_from_the_sampler_only_in_float32(tiny_model_dir, tok
     else:
         assert torch.equal(old, forward)
     assert torch.equal(ref, forward)  # the reference here is the policy itself
+
+
+def _unit_cfg(algo, **kw):
+    return PPOConfig(model="m", data=("x",), reward_fn=RULE, algo=algo, samples_per_prompt=2, **kw)
+
+
+def test_compute_advantages_by_hand():
+    """Two samples of one prompt: row 0 has 2 tokens (log-probs 0.2 and 0 above the reference), row 1 one
+    token; scores (1, 0), β = 0.5, k1.
+    ppo (γ = λ = 1, values (0.5, 0.25) and (0.1)): rewards row 0 = (−0.1, 1), row 1 = (0);
+      A row 0: t1 = 1 − 0.25 = 0.75, t0 = −0.1 + 0.25 − 0.5 + 0.75 = 0.4; returns A + V = (0.9, 1.0);
+      A row 1 = 0 − 0.1 = −0.1, return 0; the advantages (0.4, 0.75, −0.1) are then whitened.
+    rloo: score − β·Σ KL = (0.9, 0); leave-one-out → (0.9, −0.9) on every token of each row.
+    grpo: (1, 0) → (±0.5) / (std √0.5 + 1e-4) on every token; the KL is left to the loss."""
+    from alignkit.train.ppo import compute_advantages
+
+    mask = torch.tensor([[True, True], [True, False]])
+    ref = torch.tensor([[-1.0, -2.0], [-1.0, 0.0]])
+    old = ref + torch.tensor([[0.2, 0.0], [0.0, 0.0]])
+    values = torch.tensor([[0.5, 0.25], [0.1, 0.0]])
+    given = dict(scores=torch.tensor([1.0, 0.0]), old_logps=old, ref_logps=ref, mask=mask, kl_coef=0.5)
+    adv, ret = compute_advantages(_unit_cfg("ppo", gamma=1.0, gae_lambda=1.0), values, **given)
+    raw = torch.tensor([0.4, 0.75, -0.1])
+    torch.testing.assert_close(adv[mask], (raw - raw.mean()) / (raw.var() + 1e-8).sqrt())
+    torch.testing.assert_close(ret, torch.tensor([[0.9, 1.0], [0.0, 0.0]]))
+    assert adv[1, 1] == 0.0
+    adv, ret = compute_advantages(_unit_cfg("rloo"), None, **given)
+    torch.testing.assert_close(adv, torch.tensor([[0.9, 0.9], [-0.9, 0.0]]))
+    assert ret is None
+    adv, _ = compute_advantages(_unit_cfg("grpo"), None, **given)
+    a = 0.5 / (0.5 ** 0.5 + 1e-4)
+    torch.testing.assert_close(adv, torch.tensor([[a, a], [-a, 0.0]]))
+
+
+def _first_update(tiny_model_dir, tokenizer, cfg, ref_shift=0.0):
+    """One `ppo_update` of a fresh tiny policy on a rollout of 4 samples, with old log-probs from the same packed
+    forward the update makes and random advantages; returns (stats, advantages, mask)."""
+    from transformers import AutoModelForCausalLM
+
+    from alignkit.models.logps import packed_target_logps
+    from alignkit.rl.responses import sample_responses
+    from alignkit.train.loop import build_optimizer
+    from alignkit.train.ppo import ppo_update
+
+    policy = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    prompts = [(t, tokenizer(t).input_ids) for t in ("copy cat dog ->", "list ->")]
+    batch = sample_responses(policy, tokenizer, prompts, 2, max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    everything, mask = batch.pack_all(), batch.rollout.response_mask
+    with torch.no_grad():
+        from alignkit.rl.responses import scatter_tokens
+
+        old = scatter_tokens(packed_target_logps(policy, everything), mask)
+    advantages = torch.where(mask, torch.randn(mask.shape, generator=torch.Generator().manual_seed(2)), 0.0)
+    stats = ppo_update(cfg, policy, None, build_optimizer(policy, cfg), batch.pack, everything, mask, old,
+                       torch.where(mask, old - ref_shift, 0.0), lambda values: (advantages, None), None, 0.1, None, 1)
+    return stats, advantages, mask
+
+
+def test_first_update_has_ratio_one_and_loss_minus_mean_advantage(tiny_model_dir, tokenizer):
+    """At the first update the policy is the one that sampled: every ratio is 1 (not one token clipped even
+    with a clip range of 1e-6), so the clipped loss is −mean(A) over the response tokens."""
+    stats, advantages, mask = _first_update(tiny_model_dir, tokenizer, _unit_cfg("rloo", clip_range=1e-6, lr=1e-3))
+    assert stats["clipfrac"] == 0.0
+    assert stats["policy_loss"] == pytest.approx(-float(advantages[mask].mean()), rel=1e-6, abs=1e-7)
+    assert stats["loss"] == stats["policy_loss"] and "value_loss" not in stats
+
+
+def test_grpo_honours_the_kl_estimator(tiny_model_dir, tokenizer):
+    """grpo adds β·mean KL_t to the loss, with the configured estimator; the reference sits 0.5 below the
+    policy at every token (u = −0.5): k1 = 0.5, k3 = e^−0.5 − 1 + 0.5 ≈ 0.1065; β = 0.1. Empty = k3."""
+    import math
+
+    from alignkit.train.ppo import kl_estimator
+
+    kl = {}
+    for estimator in ("k1", "k3", ""):
+        stats, _, _ = _first_update(tiny_model_dir, tokenizer, _unit_cfg("grpo", kl_estimator=estimator), 0.5)
+        kl[estimator] = stats["loss"] - stats["policy_loss"]
+    assert kl["k1"] == pytest.approx(0.1 * 0.5, rel=1e-5)
+    assert kl["k3"] == pytest.approx(0.1 * (math.exp(-0.5) - 0.5), rel=1e-5)
+    assert kl[""] == kl["k3"]
+    assert kl_estimator(_unit_cfg("grpo")) == "k3" and kl_estimator(_unit_cfg("rloo")) == "k1"
+
+
+def test_a_rollout_of_one_response_token_trains(tmp_path, tiny_model_dir, prompts_file):
+    """One prompt, one sample, one token: the advantage whitening has a single entry (used to crash). The
+    logged lr is the rate the iteration used."""
+    from alignkit.cli import main
+
+    out = tmp_path / "one"
+    assert main(["ppo", "--model", tiny_model_dir, "--data", prompts_file, "--output-dir", str(out), "--reward-fn",
+                 RULE, "--rollout-batch-size", "1", "--max-new-tokens", "1", "--max-steps", "2", "--lr", "1e-3",
+                 "--lr-schedule", "linear"]) == 0
+    m = _metrics(out)
+    assert [x["response_length"] for x in m] == [1.0, 1.0] and all(x["loss"] == x["loss"] for x in m)
+    assert [x["lr"] for x in m] == pytest.approx([1e-3, 5e-4])  # the rate each iteration used, not the next one
+
+
+def test_resume_checks_the_settings_and_cuts_samples_back(tmp_path, tiny_model_dir, prompts_file):
+    """A ppo checkpoint resumes only a run with the same settings; resuming cuts samples.jsonl back to the
+    checkpoint's step, as metrics.jsonl is, so nothing is written twice."""
+    import shutil
+
+    from alignkit.errors import UserError
+
+    out = tmp_path / "run"
+    cfg = lambda **kw: _cfg(tiny_model_dir, prompts_file, out, algo="rloo", max_steps=4, save_every=2, **kw)  # noqa: E731
+    train_ppo(cfg())
+    shutil.move(out / "final", tmp_path / "old-final")  # as if killed after step 4's samples, before final/
+    with pytest.raises(UserError, match=r"other settings \(rollout_batch_size 4 → 8\)"):
+        train_ppo(cfg(rollout_batch_size=8))
+    train_ppo(cfg())
+    assert [json.loads(line)["step"] for line in (out / "samples.jsonl").read_text().splitlines()] == [1, 4]
+    assert [x["step"] for x in _metrics(out)] == [1, 2, 3, 4]
+
+
+def test_ppo_applies_gradient_checkpointing_and_num_threads(tmp_path, tiny_model_dir, prompts_file):
+    """The shared loop's fields work for ppo too: checkpointing on policy and value model (same numbers), the
+    thread count set."""
+    from safetensors.torch import load_file
+
+    from alignkit.train.loop import run
+    from alignkit.train.ppo import PPOTrainer
+
+    threads = torch.get_num_threads()
+    try:
+        for checkpointing in (False, True):
+            cfg = _cfg(tiny_model_dir, prompts_file, tmp_path / str(checkpointing), algo="ppo", max_steps=2,
+                       gradient_checkpointing=checkpointing, num_threads=1)
+            trainer = PPOTrainer(cfg)
+            run(cfg, trainer)
+            assert trainer.policy.is_activation_checkpointing == checkpointing
+            assert trainer.value.is_activation_checkpointing == checkpointing
+            assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
+    a, b = (load_file(tmp_path / name / "final" / "model.safetensors") for name in ("False", "True"))
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+def test_ppo_help_lists_only_fields_it_uses(capsys):
+    from alignkit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["ppo", "--help"])
+    text = capsys.readouterr().out
+    assert "--rollout-batch-size" in text and "--gradient-checkpointing" in text and "--eval-batch-size" in text
+    for gone in ("--batch-size ", "--grad-accum", "--group-by-length"):
+        assert gone not in text, gone
+    assert main(["ppo", "--model", "m", "--data", "x", "--reward-fn", RULE, "--batch-size", "4"]) == 2
+    assert 'unknown field "batch_size"' in capsys.readouterr().err
+
+
+def test_generate_fn_samples_the_rollouts_and_the_evaluations(tmp_path, tiny_model_dir, prompts_file):
+    """`GenerateFn` is a real injection point: a backend given to train_ppo samples every rollout and every
+    held-out evaluation (here a wrapper of the default that counts its calls)."""
+    from alignkit.rl.rollout import generate
+
+    calls = []
+
+    def counting(model, prompts, **kw):
+        calls.append(len(prompts))
+        return generate(model, prompts, **kw)
+
+    train_ppo(_cfg(tiny_model_dir, prompts_file, tmp_path / "run", algo="grpo", max_steps=2, eval_every=1,
+                   eval_fraction=0.02, eval_samples_per_prompt=2), generate_fn=counting)
+    # evaluations at steps 0, 1, 2 (4 held-out prompts × 2 samples, one batch each) and 2 rollouts of 4 × 4
+    assert sorted(calls) == [8, 8, 8, 16, 16]

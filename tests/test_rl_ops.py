@@ -71,6 +71,15 @@ def test_masked_whiten_matches_oracle(batch):
     close(kept_mean[mask], (valid - mean) / std + mean)
 
 
+def test_whitening_fewer_than_two_entries_centres_only():
+    """One valid entry has no variance: whitening centres it (→ 0) or, keeping the mean, leaves it; no error."""
+    x = torch.tensor([[3.0, float("nan")], [7.0, 1.0]], dtype=F64)
+    one = torch.tensor([[True, False], [False, False]])
+    assert masked_whiten(x, one).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+    assert masked_whiten(x, one, shift_mean=False).tolist() == [[3.0, 0.0], [0.0, 0.0]]
+    assert masked_whiten(x, torch.zeros_like(one)).tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
 def test_gradients_do_not_leak_from_padding(batch):
     """NaN in padded slots: outputs and gradients stay finite, and the padding gets zero gradient."""
     x, mask = batch

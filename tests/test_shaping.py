@@ -49,6 +49,16 @@ def test_adaptive_kl_controller_by_hand():
     assert c3.value == c.value and c3.target == 6.0
 
 
+def test_adaptive_kl_controller_moves_both_ways_proportionally_then_clipped():
+    """target 1, n/horizon = 1: KL 1.1 → e = 0.1, β·1.1; KL 0.95 → e = −0.05, β·0.95; KL 50 → e clipped to 0.2,
+    β·1.2; KL 0 → e clipped to −0.2, β·0.8. KL above the target raises β, below lowers it."""
+    for kl, factor in ((1.1, 1.1), (0.95, 0.95), (50.0, 1.2), (0.0, 0.8), (1.0, 1.0)):
+        c = AdaptiveKLController(0.5, target=1.0, horizon=100)
+        assert c.update(kl, 100) == pytest.approx(0.5 * factor), kl
+    c = AdaptiveKLController(0.5, target=1.0, horizon=100)
+    assert c.update(2.0, 10) == pytest.approx(0.5 * 1.02) and c.update(2.0, 10) == pytest.approx(0.5 * 1.02**2)
+
+
 def test_rloo_leave_one_out_by_hand():
     """Group (1, 2, 6): baselines (2+6)/2 = 4, (1+6)/2 = 3.5, (1+2)/2 = 1.5 → −3, −1.5, 4.5.
     Identity: A = K/(K−1)·(r − mean) = 1.5·(r − 3)."""

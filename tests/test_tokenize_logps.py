@@ -162,7 +162,7 @@ def test_new_reward_head_starts_at_zero(tiny_model_dir, tokenizer):
 
 
 def test_pair_rows_share_the_prompt_tokens(tokenizer):
-    from alignkit.train.reward import encode_pair
+    from alignkit.data.encode import encode_pair
 
     enc = Encoder(tokenizer, 32, 16)
     pair = encode_pair(enc, PairRow("describe the cat ->", "kind clear", "rude", 2.0, "x:1"))

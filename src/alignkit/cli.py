@@ -49,7 +49,8 @@ def _add_config_options(parser: argparse.ArgumentParser, cls) -> None:
         default = f.default if f.default is not None else "none"
         if isinstance(default, tuple):
             default = ",".join(default) or "(none)"
-        choices = f.metadata.get("choices")
+        default = '""' if default == "" else default
+        choices = [c if c != "" else '""' for c in f.metadata.get("choices") or ()]
         doc = f.metadata.get("doc", "")
         help_text = f"{doc} (default: {default}{'; one of ' + '|'.join(choices) if choices else ''})"
         metavar = inner.__name__.upper() if kind != "list" else "VALUE"

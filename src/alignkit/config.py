@@ -24,6 +24,12 @@ def option(default, doc: str, choices: tuple | None = None):
     return dataclasses.field(default=default, metadata={"doc": doc, "choices": choices})
 
 
+def hidden(default):
+    """An inherited field a command does not use: kept at `default`, and not an option, a YAML key or a line of
+    `--help` of that command (so setting it is an unknown-field error, not silently ignored)."""
+    return dataclasses.field(default=default, init=False, metadata={"doc": "", "choices": None})
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """Fields common to every training command (SPEC §5)."""
@@ -177,6 +183,13 @@ class PPOConfig(TrainConfig):
                        ("ppo", "rloo", "grpo"))
     lr: float = option(1e-6, "Peak learning rate (AdamW).")
     lr_schedule: str = option("constant", "Learning-rate schedule after warmup.", ("constant", "linear", "cosine"))
+    max_steps: int = option(0, "Iterations to run (one rollout and its update each); 0 = run for `epochs`.")
+    epochs: float = option(1.0, "Passes over the prompts (used when max_steps is 0).")
+    eval_batch_size: int = option(0, "Held-out samples generated at once in each evaluation; 0 = 256.")
+    # a step is one iteration: rollout_batch_size and num_minibatches set its sizes, and prompts are not grouped
+    batch_size: int = hidden(8)
+    grad_accum: int = hidden(1)
+    group_by_length: bool = hidden(False)
     reward_models: tuple[str, ...] = option((), "Reward model folder(s); several form an ensemble.")
     reward_model: str = option("", "One reward model folder (same as reward_models with one entry).")
     reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; added to the reward models.")
@@ -187,7 +200,8 @@ class PPOConfig(TrainConfig):
     kl_coef: float = option(0.05, "β: KL penalty coefficient (the starting value when kl_target is set).")
     kl_target: float = option(0.0, "Target sequence KL; > 0 turns on Ziegler et al.'s adaptive controller.")
     kl_horizon: float = option(10000.0, "Horizon of the adaptive KL controller, in samples.")
-    kl_estimator: str = option("k1", "Per-token KL estimator (SPEC §11).", ("k1", "k2", "k3"))
+    kl_estimator: str = option("", "Per-token KL estimator (SPEC §11); empty = k3 for grpo (in the loss), k1 for ppo "
+                               "and rloo (in the reward).", ("", "k1", "k2", "k3"))
     length_penalty: float = option(0.0, "Subtracted from the score per response token.")
     missing_eos_penalty: float = option(0.0, "Subtracted from the score of responses that did not end with EOS.")
     reward_clip: float = option(0.0, "Clip scores to [−c, c]; 0 = no clipping.")

@@ -95,20 +95,28 @@ def collate_pairs(pairs: list[TokenizedPair], pad_id: int, padding_side: str = "
     return PairBatch(collate_sequences(seqs, pad_id, padding_side), margin)
 
 
-def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_side: str = "right") -> RankedBatch:
+def ranking_layout(rankings: list[TokenizedRanking]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(index, mask, ties), each (B, K), of rankings whose responses are numbered in order (ranking 0's
+    first): index[b, k] numbers response k of ranking b (0 if absent), mask marks present responses, and an
+    absent response gets a tie group of its own after the ranking's last."""
     k = max(len(r.responses) for r in rankings)
     index = torch.zeros((len(rankings), k), dtype=torch.long)
     mask = torch.zeros((len(rankings), k), dtype=torch.bool)
     ties = torch.zeros((len(rankings), k), dtype=torch.long)
-    seqs: list[Tokenized] = []
+    first = 0
     for b, r in enumerate(rankings):
         n = len(r.responses)
-        index[b, :n] = torch.arange(len(seqs), len(seqs) + n)
+        index[b, :n] = torch.arange(first, first + n)
         mask[b, :n] = True
         ties[b, :n] = torch.tensor(r.ties)
         ties[b, n:] = r.ties[-1] + 1 if n else 0
-        seqs.extend(r.responses)
-    return RankedBatch(collate_sequences(seqs, pad_id, padding_side), index, mask, ties)
+        first += n
+    return index, mask, ties
+
+
+def collate_rankings(rankings: list[TokenizedRanking], pad_id: int, padding_side: str = "right") -> RankedBatch:
+    seqs = [s for r in rankings for s in r.responses]
+    return RankedBatch(collate_sequences(seqs, pad_id, padding_side), *ranking_layout(rankings))
 
 
 def to_device(batch, device):
@@ -274,18 +282,6 @@ def collate_packed_pairs(pairs: list[TokenizedPair], pad_id: int) -> PackedBatch
 
 def collate_packed_rankings(rankings: list[TokenizedRanking], pad_id: int) -> RankedBatch:
     """Rankings packed one per row; `RankedBatch.sequences` is then a PackedBatch."""
-    k = max(len(r.responses) for r in rankings)
-    index = torch.zeros((len(rankings), k), dtype=torch.long)
-    mask = torch.zeros((len(rankings), k), dtype=torch.bool)
-    ties = torch.zeros((len(rankings), k), dtype=torch.long)
-    seq_ids, next_id = [], 0
-    for b, r in enumerate(rankings):
-        n = len(r.responses)
-        ids = list(range(next_id, next_id + n))
-        next_id += n
-        seq_ids.append(ids)
-        index[b, :n] = torch.tensor(ids)
-        mask[b, :n] = True
-        ties[b, :n] = torch.tensor(r.ties)
-        ties[b, n:] = r.ties[-1] + 1
+    index, mask, ties = ranking_layout(rankings)
+    seq_ids = [index[b, :len(r.responses)].tolist() for b, r in enumerate(rankings)]
     return RankedBatch(collate_packed([r.responses for r in rankings], pad_id, seq_ids), index, mask, ties)

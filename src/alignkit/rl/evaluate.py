@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import torch
 
-from alignkit.data.collate import Tokenized, pack_sequences, to_device
-from alignkit.data.rows import plain_text
+from alignkit.data.collate import to_device
 from alignkit.models.logps import packed_logps
-from alignkit.rl.rollout import generate
-from alignkit.train.loop import autocast_context
+from alignkit.models.precision import autocast_context
+from alignkit.rl.responses import sample_responses
+from alignkit.rl.rollout import GenerateFn, generate
 
 
 @dataclass
@@ -42,13 +42,15 @@ class PolicyEvaluation:
 @torch.no_grad()
 def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], *, reference=None, scorer=None,
                     gold=None, samples_per_prompt: int = 1, max_new_tokens: int = 32, temperature: float = 1.0,
-                    top_p: float = 1.0, seed: int = 0, batch_size: int = 256, compute_dtype=None) -> PolicyEvaluation:
+                    top_p: float = 1.0, seed: int = 0, batch_size: int = 256, compute_dtype=None,
+                    generate_fn: GenerateFn = generate) -> PolicyEvaluation:
     """Sample `samples_per_prompt` responses for each (prompt, prompt_ids) and measure them.
 
     `reference`: the model the KL is measured against; None = the policy with its LoRA adapters disabled (a
     policy without adapters then has KL 0). `scorer`: an `alignkit.rewards.Scorer` (or None); `gold`:
     f(prompts, responses) -> list[float] (or None). Both sides of the KL come from the same packed forward (not
     the sampler's cached decoding), so that rounding in bfloat16 cannot make a policy differ from itself.
+    `batch_size`: samples generated at once; `generate_fn`: the sampling engine (`alignkit.rl.rollout.GenerateFn`).
     """
     if not prompts:
         raise ValueError("evaluate_policy needs at least one prompt")
@@ -60,19 +62,11 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
     policy.eval()
     texts, responses, response_ids, lengths, kls, proxies = [], [], [], [], [], []
     for begin in range(0, len(prompts), chunk):
-        part = prompts[begin:begin + chunk]
-        raw = [p for p, _ in part for _ in range(samples_per_prompt)]
-        ids = [i for _, i in part for _ in range(samples_per_prompt)]
         generator = torch.Generator().manual_seed(seed * 1_000_003 + begin)
-        with autocast_context(compute_dtype):
-            rollout = generate(policy, ids, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
-                               max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                               generator=generator)
-        sampled = [r[m].tolist() for r, m in zip(rollout.response_ids.cpu(), rollout.response_mask.cpu())]
-        words = [tokenizer.decode(r, skip_special_tokens=True) for r in sampled]
-        seqs = [Tokenized(p + r, [False] * len(p) + [True] * len(r)) for p, r in zip(ids, sampled)]
-        owner = [begin + i // samples_per_prompt for i in range(len(ids))]
-        batch = to_device(pack_sequences(seqs, owner, tokenizer.pad_token_id), device)
+        sampled = sample_responses(policy, tokenizer, prompts[begin:begin + chunk], samples_per_prompt,
+                                   max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                   generator=generator, compute_dtype=compute_dtype, generate_fn=generate_fn)
+        batch = to_device(sampled.pack_all(), device)
         with autocast_context(compute_dtype):
             policy_logps = packed_logps(policy, batch, temperature).logps                      # (S,) per sample
             if reference is not None:
@@ -83,14 +77,12 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
             else:
                 ref_logps = policy_logps
         kls.append((policy_logps.double() - ref_logps.double()).cpu())
-        counts = [len(r) for r in sampled]
         if scorer is not None:
-            finished = rollout.finished.cpu().tolist()
-            proxies.append(scorer(raw, words, finished, seqs)[0])
-        texts += [p if isinstance(p, str) else plain_text(p) for p in raw]
-        responses += words
-        response_ids += sampled
-        lengths.append(torch.tensor(counts))
+            proxies.append(scorer(sampled.prompts, sampled.texts, sampled.finished, sampled.seqs)[0])
+        texts += sampled.prompt_texts
+        responses += sampled.texts
+        response_ids += sampled.ids
+        lengths.append(sampled.lengths)
     if was_training:
         policy.train()
     return PolicyEvaluation(

@@ -38,9 +38,15 @@ def masked_whiten(
     x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
 ) -> torch.Tensor:
     """(x − mean) / sqrt(var + eps) with mean and unbiased var over the valid entries; with
-    `shift_mean=False` the mean is added back (only the scale changes). Masked-out entries are 0."""
+    `shift_mean=False` the mean is added back (only the scale changes). Masked-out entries are 0.
+
+    With fewer than 2 valid entries there is no variance to scale by: x is only centred (a single entry
+    whitens to 0), or, with `shift_mean=False`, left as it is (e.g. a rollout of one response token)."""
     x = torch.where(mask, x, torch.zeros_like(x))
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    mean = masked_mean(x, mask)
+    if int(mask.expand_as(x).sum()) < 2:
+        return torch.where(mask, x - mean if shift_mean else x, torch.zeros_like(x))
+    var = masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -1,7 +1,8 @@
 """The rollout engine: batched sampling with a KV cache, and the log-probs of what was sampled.
 
 `generate` is the default `GenerateFn`; anything with the same call signature (a vLLM backend, say) can
-replace it. Prompts are left-padded so every row's next token sits in the last column; position ids count
+replace it: `train_ppo(cfg, generate_fn=...)` and `evaluate_policy(..., generate_fn=...)` take one.
+Prompts are left-padded so every row's next token sits in the last column; position ids count
 real tokens only, so padding changes nothing. Sampling uses its own `torch.Generator`, seeded by the caller
 (e.g. from the run seed and the iteration), which makes rollouts reproducible and resumable without any
 global RNG state.
@@ -24,10 +25,6 @@ class Rollout:
     response_mask: torch.Tensor  # (B, R) bool, True = sampled token (EOS included)
     logps: torch.Tensor          # (B, R) log-prob of each sampled token at the sampling temperature, 0 if masked
     finished: torch.Tensor       # (B,) bool, True = the response ended with EOS
-
-    @property
-    def lengths(self) -> torch.Tensor:
-        return self.response_mask.sum(-1)
 
 
 class GenerateFn(Protocol):

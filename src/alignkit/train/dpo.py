@@ -13,24 +13,16 @@ from __future__ import annotations
 import torch
 
 from alignkit.data.convert import ranked_to_pairwise
+from alignkit.data.encode import encode_pair
 from alignkit.data.tokenize import Encoder
 from alignkit.losses import dpo_loss
-from alignkit.models.load import load_causal_lm, load_tokenizer, prepare_trainable, save_pretrained_atomic
+from alignkit.models.load import load_tokenizer
 from alignkit.models.logps import pair_logps
 from alignkit.train.common import load_train_eval
-from alignkit.train.loop import StepOutput, Task, fit, seed_everything
-from alignkit.train.preference_data import PrefBatch, PrefExample, collate_preference
-from alignkit.train.reference import Reference, build_reference, precompute_reference
-from alignkit.train.reward import encode_pair
-
-
-def reference_logps(batch: PrefBatch, reference: Reference | None, like: torch.Tensor) -> torch.Tensor:
-    """(2B,) reference log-probs: precomputed, computed now, or zeros (reference-free)."""
-    if batch.ref_logps is not None:
-        return batch.ref_logps.to(like.device, like.dtype)
-    if reference is None:
-        return torch.zeros_like(like)
-    return reference.pair_logps(batch.pairs).logps.to(like.dtype)
+from alignkit.train.loop import StepOutput, fit
+from alignkit.train.preference_data import PrefBatch, PrefExample, preference_task
+from alignkit.train.reference import Reference, reference_logps
+from alignkit.train.run import seed_everything
 
 
 def dpo_step_loss(model, batch: PrefBatch, cfg, reference: Reference | None) -> StepOutput:
@@ -63,33 +55,6 @@ def dpo_step_loss(model, batch: PrefBatch, cfg, reference: Reference | None) -> 
             "logps/rejected": (float(lp_r.sum()), n),
         }
     return StepOutput(losses.sum(), metrics)
-
-
-def preference_task(cfg, name: str, tokenizer, train: list[PrefExample], evals: list[PrefExample],
-                    loss_fn, uses_reference: bool = True) -> Task:
-    """The policy (+ LoRA), the reference, precomputation, and the Task that `fit` runs (dpo and kto)."""
-    model = prepare_trainable(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
-    reference = build_reference(cfg, model) if uses_reference else None
-    pad = tokenizer.pad_token_id
-    collate = lambda xs: collate_preference(xs, pad, cfg.prefix_sharing)  # noqa: E731
-
-    def prepare(run):
-        if reference is not None and cfg.precompute_ref:
-            precompute_reference(cfg, reference, {"train": train, "eval": evals}, collate,
-                                 run.path / "ref_logps.safetensors")
-
-    return Task(
-        name=name,
-        model=model,
-        train_examples=train,
-        eval_examples=evals or None,
-        collate=collate,
-        loss=lambda m, b: loss_fn(m, b, cfg, reference),
-        units=lambda b: b.size,
-        tokens=lambda b: b.num_tokens,
-        save_final=lambda path: save_pretrained_atomic(model, tokenizer, path, cfg.lora_save),
-        prepare=prepare,
-    )
 
 
 def train_dpo(cfg) -> dict:

@@ -4,10 +4,12 @@ Loss (`alignkit.losses.kto_loss`): with r = π(y|x) − ref(y|x) and the referen
 w_D·(1 − σ(β(r − z0))), undesirable ones w_U·(1 − σ(β(z0 − r))).
 
 z0, as in the paper: the KL of the policy to the reference, estimated on *mismatched* prompt/completion
-pairs — each example x_i is paired with the completion of another example — averaged over the batch,
-clamped at 0 and detached. The mismatched partner is fixed once (a seeded derangement of the data), so its
-reference log-probs are precomputed like the others; each row is [prompt | completion | partner's
-completion], one forward.
+pairs — each example x_i is paired with the completion of another example — averaged over the optimizer
+step's examples, clamped at 0 and detached. The mismatched partner is fixed once (a seeded derangement of
+the data), so its reference log-probs are precomputed like the others; each row is [prompt | completion |
+partner's completion], one forward. With `grad_accum` > 1, z0 is the mean over *all* the step's micro-batches,
+from one extra forward without gradients before the loss pass (`kto_reference_point`), so accumulation does
+not change the loss: batch_size 2 × grad_accum 2 trains as batch_size 4.
 
 Pairwise rows are converted (chosen → desirable, rejected → undesirable); ranked rows give their best as
 desirable and their worst as undesirable. `reference_free` sets the reference log-probs to 0.
@@ -28,9 +30,10 @@ from alignkit.losses import kto_loss
 from alignkit.models.load import load_tokenizer
 from alignkit.models.logps import pair_logps
 from alignkit.train.common import load_train_eval
-from alignkit.train.dpo import preference_task, reference_logps
-from alignkit.train.loop import StepOutput, fit, seed_everything
-from alignkit.train.preference_data import PrefBatch, PrefExample
+from alignkit.train.loop import StepOutput, fit
+from alignkit.train.preference_data import PrefBatch, PrefExample, preference_task
+from alignkit.train.reference import reference_logps
+from alignkit.train.run import seed_everything
 
 # Ethayarajh et al. (2024), §4: keep λ_D·n_D / (λ_U·n_U) within [1, 4/3].
 RECOMMENDED_BALANCE = (1.0, 4.0 / 3.0)
@@ -51,12 +54,28 @@ def kto_examples(encoder: Encoder, rows: list[UnaryRow], seed: int) -> list[Pref
     return examples
 
 
-def kto_step_loss(model, batch: PrefBatch, cfg, reference) -> StepOutput:
+def mismatched_log_ratios(model, batch: PrefBatch, reference) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(π, ref) of the batch's own completions and π − ref of its mismatched ones, (B,) each."""
     policy = pair_logps(model, batch.pairs)                    # (2B,): completions, then mismatched ones
     ref = reference_logps(batch, reference, policy.logps)      # (2B,)
     pi, pi_kl = policy.logps.chunk(2)
     ref_own, ref_kl = ref.chunk(2)
-    kl = (pi_kl - ref_kl).mean().detach()                      # z0 before the clamp (kto_loss clamps, detaches)
+    return pi, ref_own, pi_kl - ref_kl
+
+
+def kto_reference_point(model, batches: list[PrefBatch], reference) -> torch.Tensor:
+    """z0 of a whole optimizer step, before the clamp: the mean log-ratio of the mismatched pairs of all its
+    micro-batches (the loop calls this without gradients)."""
+    return torch.cat([mismatched_log_ratios(model, b, reference)[2] for b in batches]).mean()
+
+
+def kto_step_loss(model, batch: PrefBatch, cfg, reference, kl: torch.Tensor | None = None) -> StepOutput:
+    """Summed KTO loss over the batch. `kl`: the step's z0 before the clamp; None = this batch is the whole
+    step, and its own mismatched pairs give it."""
+    pi, ref_own, mismatched = mismatched_log_ratios(model, batch, reference)
+    if kl is None:
+        kl = mismatched.mean()
+    kl = kl.detach()                                           # z0 before the clamp (kto_loss clamps, detaches)
     losses = kto_loss(pi, ref_own, batch.labels, kl, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                       undesirable_weight=cfg.undesirable_weight)
     with torch.no_grad():
@@ -104,7 +123,7 @@ def train_kto(cfg) -> dict:
     encoder = Encoder(tokenizer, cfg.max_length, cfg.max_prompt_length)
     train = kto_examples(encoder, train_rows, cfg.seed)
     evals = kto_examples(encoder, eval_rows, cfg.seed + 1) if eval_rows else []
-    task = preference_task(cfg, "kto", tokenizer, train, evals, kto_step_loss)
+    task = preference_task(cfg, "kto", tokenizer, train, evals, kto_step_loss, step_context=kto_reference_point)
     task.derive = lambda m: ({"rewards/margin": m["rewards/chosen"] - m["rewards/rejected"]}
                              if "rewards/chosen" in m and "rewards/rejected" in m else {})
     return fit(cfg, task)

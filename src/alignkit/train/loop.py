@@ -1,22 +1,23 @@
-"""The training mechanics every trainer shares, written once.
+"""One run loop for every trainer, offline (sft, reward, dpo, kto) and online (ppo, rloo, grpo).
 
-A trainer prepares a `Task` (model, tokenized examples, collate, loss) and calls `fit(cfg, task)`, which
-does the rest: run folder, seeding, AdamW, the schedule, gradient accumulation, clipping, the NaN/Inf
-guard, evaluation, metrics.jsonl, the progress bar, atomic checkpoints, exact resume and `final/`.
+Every run is "for each step: the step's work, then the run's chores". The step's work is a `Trainer`'s
+(`step`); the chores are written here once: threads and gradient checkpointing, AdamW and the schedule
+(the logged `lr` is the rate the step used), the settings check and exact resume, the NaN/Inf guard,
+metrics.jsonl with `tokens_per_s`, the progress bar, evaluation every `eval_every`, checkpoints every
+`save_every`, `final/` and its completion marker. The run folder itself is `alignkit.train.run`.
+
+The offline methods describe themselves with a `Task` (model, tokenized examples, collate, a per-batch loss)
+and call `fit(cfg, task)`: their step is `train_step` over `grad_accum` micro-batches.
 
 Exact resume: the data order is a pure function of (seed, epoch); a checkpoint holds the trainable weights,
-the optimizer and scheduler states, every RNG state and the step (which fixes the data position), so a run
-killed at any moment and started again takes the same steps on the same batches with the same randomness.
+the optimizer and scheduler states, every RNG state, the step (which fixes the data position) and the
+trainer's own state (`Trainer.state_dict`), so a run killed at any moment and started again takes the same
+steps on the same batches with the same randomness. A trainer must draw its randomness inside `step`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import math
-import os
-import random
-import shutil
 import sys
 import time
 import warnings
@@ -25,14 +26,61 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
 
-from alignkit.config import to_dict
 from alignkit.data.collate import to_device
-from alignkit.errors import TrainingError, UserError
-from alignkit.models.load import default_device, trainable_parameters
+from alignkit.errors import UserError
+from alignkit.models.load import default_device, trainable_parameters, training_dtypes
+from alignkit.models.precision import autocast_context
+from alignkit.train.run import MetricsLog, RunDir, check_single_process, count_bad_steps, seed_everything
+
+# RunDir and seed_everything live in alignkit.train.run; named here too for the trainers that import them from the loop
+__all__ = ["DataOrder", "RunDir", "StepOutput", "Task", "Trainer", "fit", "run", "seed_everything", "train_step"]
+
+
+class Trainer:
+    """The method-specific part of a run; `run(cfg, trainer)` does the rest. Defaults: nothing to evaluate,
+    no state beyond weights, optimizer, scheduler and RNG, never stops early."""
+
+    name: str = "train"
+    unit: str = "step"                   # what one step is called in messages ("iteration" for ppo)
+    modules: torch.nn.Module             # what is trained, optimized and checkpointed
+    total_steps: int = 1
+    settings: dict = {}                  # what a checkpoint must share with this run to be resumed by it
+    latest: tuple[str, ...] = ()         # metrics logged as their latest value, not averaged over the log window
+    should_stop: bool = False            # stop after this step (e.g. the hacking detector's stop_on_hacking)
+    evaluates: bool = False              # whether `evaluate` has anything to evaluate
+    nan_hint: str = "lower the learning rate, check the data"  # what to try after too many non-finite steps
+
+    def prepare(self, run: RunDir) -> None:
+        """Once the run folder exists and a checkpoint (if any) is loaded, before the first step."""
+
+    def step(self, step: int, optimizer: torch.optim.Optimizer) -> dict:
+        """Step `step` (1-based): update with `optimizer`; return its metrics with `finite` (False: no update
+        was made, a NaN/Inf loss or gradient) and `tokens` (real tokens processed, for tokens_per_s)."""
+        raise NotImplementedError
+
+    def derive(self, metrics: dict) -> dict:
+        """Metrics computed from the averaged ones (e.g. a margin of two means)."""
+        return {}
+
+    def evaluate(self) -> dict:
+        """Held-out metrics, prefixed eval/."""
+        return {}
+
+    def state_dict(self) -> dict:
+        """JSON-able state that resume needs beyond weights, optimizer, scheduler and RNG."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+    def save_final(self, path: Path) -> None:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """Extra fields for final/alignkit_run.json."""
+        return {}
 
 
 @dataclass
@@ -45,49 +93,23 @@ class StepOutput:
 
 @dataclass
 class Task:
-    """Everything method-specific that `fit` needs."""
+    """Everything method-specific that `fit` needs from an offline method."""
 
     name: str
     model: torch.nn.Module
     train_examples: list
     collate: Callable[[list], Any]
-    loss: Callable[[torch.nn.Module, Any], StepOutput]
+    loss: Callable[..., StepOutput]          # loss(model, batch), or loss(model, batch, context) (see step_context)
     units: Callable[[Any], int]              # loss units in a batch (tokens or examples): the loss normaliser
     tokens: Callable[[Any], int]             # real tokens in a batch, for tokens_per_s
     save_final: Callable[[Path], None]
     eval_examples: list | None = None
     prepare: Callable[[RunDir], None] | None = None  # once the run folder exists (e.g. reference log-probs)
     derive: Callable[[dict], dict] | None = None      # metrics computed from aggregated ones (e.g. margins)
-
-
-# ------------------------------------------------------------------------------------------------ seeding
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def rng_state() -> dict:
-    py = random.getstate()
-    np_state = np.random.get_state()
-    state = {
-        "python": [py[0], list(py[1]), py[2]],
-        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
-        "torch": torch.get_rng_state().tolist(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = [s.tolist() for s in torch.cuda.get_rng_state_all()]
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py[0], tuple(py[1]), py[2]))
-    n = state["numpy"]
-    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
-    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+    # a quantity of the whole optimizer step computed before its loss pass, over all of its micro-batches
+    # (without gradients), and passed to `loss` as `context` (e.g. KTO's reference point). Only computed
+    # when a step has several micro-batches: with one, `loss` gets context None and computes it itself.
+    step_context: Callable[[torch.nn.Module, list], Any] | None = None
 
 
 # ------------------------------------------------------------------------------------------- data order
@@ -168,28 +190,26 @@ def build_scheduler(optimizer, cfg, total: int):
 
 
 # ------------------------------------------------------------------------------------------- one step
-def autocast_context(dtype: torch.dtype | None):
-    """Mixed precision: fp32 master weights, forward in bf16 where asked (see models.load.training_dtypes)."""
-    if dtype is None or dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=default_device().type, dtype=dtype)
-
-
-def train_step(model, optimizer, scheduler, batches: list, task: Task, max_grad_norm: float,
+def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float,
                compute_dtype: torch.dtype | None = None) -> dict:
     """One optimizer step over micro-batches. The loss is normalised by the loss units of *all* of them,
     so k micro-batches × accumulation give exactly the gradient of one batch of their union.
 
-    Returns the step's metrics (`lr` is the rate this step used), with `finite` False — and no update
-    made — for a NaN/Inf loss or gradient. A step with no loss units (nothing to learn) updates nothing.
+    Returns the step's metrics, with `finite` False — and no update made — for a NaN/Inf loss or gradient.
+    A step with no loss units (nothing to learn) updates nothing.
     """
     device = default_device()
+    batches = [to_device(b, device) for b in batches]
+    context = None
+    if task.step_context is not None and len(batches) > 1:
+        with torch.no_grad(), autocast_context(compute_dtype):
+            context = task.step_context(model, batches)
     total_units = sum(task.units(b) for b in batches)
     sums: dict[str, list[float]] = {}
     loss_sum = 0.0
     for batch in batches:
         with autocast_context(compute_dtype):
-            out = task.loss(model, to_device(batch, device))
+            out = task.loss(model, batch) if task.step_context is None else task.loss(model, batch, context)
         (out.loss / max(total_units, 1)).backward()
         loss_sum += float(out.loss.detach())
         for name, (s, c) in out.metrics.items():
@@ -199,14 +219,10 @@ def train_step(model, optimizer, scheduler, batches: list, task: Task, max_grad_
     params = [p for p in model.parameters() if p.requires_grad]
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
-    lr = scheduler.get_last_lr()[0]
     if finite and total_units > 0:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    with warnings.catch_warnings():  # a skipped step still advances the schedule (torch warns about that)
-        warnings.simplefilter("ignore", UserWarning)
-        scheduler.step()
-    metrics = {"loss": loss_sum / max(total_units, 1), "grad_norm": float(grad_norm), "lr": lr}
+    metrics = {"loss": loss_sum / max(total_units, 1), "grad_norm": float(grad_norm)}
     metrics.update({k: s / c for k, (s, c) in sums.items() if c > 0})
     metrics["finite"] = finite
     return metrics
@@ -221,8 +237,9 @@ def evaluate(model, task: Task, examples: list, batch_size: int,
     loss_sum, units, sums = 0.0, 0, {}
     for i in range(0, len(examples), batch_size):
         batch = task.collate(examples[i:i + batch_size])
+        batch = to_device(batch, device)
         with autocast_context(compute_dtype):
-            out = task.loss(model, to_device(batch, device))
+            out = task.loss(model, batch) if task.step_context is None else task.loss(model, batch, None)
         loss_sum += float(out.loss)
         units += task.units(batch)
         for name, (s, c) in out.metrics.items():
@@ -237,290 +254,160 @@ def evaluate(model, task: Task, examples: list, batch_size: int,
     return {f"eval/{k}": v for k, v in result.items()}
 
 
-# ---------------------------------------------------------------------------------------- run folder
-class RunDir:
-    """OUTPUT_DIR with config.yaml, metrics.jsonl, checkpoints/step-N/ and final/ (SPEC §6)."""
+class BatchTrainer(Trainer):
+    """An offline method's trainer: step k takes micro-batches (k−1)·grad_accum … k·grad_accum − 1 of the
+    seeded data order and makes one `train_step` on them."""
 
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.checkpoints = self.path / "checkpoints"
-        self.metrics_path = self.path / "metrics.jsonl"
-        self.final = self.path / "final"
-        self.done_marker = self.path / "final" / "alignkit_run.json"
+    latest = ("epoch",)
 
-    def completed(self) -> dict | None:
-        """The last metrics of a finished run in this folder (final/ and its marker exist), else None."""
-        if not self.done_marker.is_file():
-            return None
-        print(f"{self.path}: this run is already complete (final/ exists); use --resume never to start over")
-        return json.loads(self.done_marker.read_text()).get("metrics", {})
+    def __init__(self, cfg, task: Task):
+        if not task.train_examples:
+            raise UserError("no training examples are left (all rows were held out or dropped)")
+        self.cfg, self.task, self.name, self.modules = cfg, task, task.name, task.model
+        lengths = [len(x) for x in task.train_examples] if cfg.group_by_length else None
+        self.order = DataOrder(len(task.train_examples), cfg.batch_size, cfg.seed, lengths)
+        self.total_steps = total_steps(cfg, self.order)
+        self.compute_dtype = training_dtypes(cfg.dtype)[1]
+        self.evaluates = bool(task.eval_examples)
+        # what fixes the data order and the schedule: a checkpoint only resumes a run with the same values
+        self.settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+                         "num_examples": len(task.train_examples), "total_steps": self.total_steps,
+                         "group_by_length": cfg.group_by_length, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
+                         "warmup_steps": cfg.warmup_steps}
 
-    def mark_done(self, **record) -> None:
-        """Write final/'s marker atomically, after final/ itself: a run without it is resumed, not skipped."""
-        tmp = self.done_marker.with_name(self.done_marker.name + ".tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, self.done_marker)
+    def prepare(self, run: RunDir) -> None:
+        if self.task.prepare is not None:
+            self.task.prepare(run)
 
-    def checkpoint_steps(self) -> list[int]:
-        if not self.checkpoints.is_dir():
-            return []
-        steps = []
-        for d in self.checkpoints.iterdir():
-            if d.is_dir() and d.name.startswith("step-") and (d / "state.json").is_file():
-                try:
-                    steps.append(int(d.name[5:]))
-                except ValueError:
-                    pass
-        return sorted(steps)
+    def step(self, step: int, optimizer) -> dict:
+        task, accum = self.task, self.cfg.grad_accum
+        first = (step - 1) * accum
+        batches = [task.collate([task.train_examples[i] for i in self.order.batch(k)])
+                   for k in range(first, first + accum)]
+        metrics = train_step(task.model, optimizer, batches, task, self.cfg.max_grad_norm, self.compute_dtype)
+        return {**metrics, "tokens": sum(task.tokens(b) for b in batches), "epoch": self.order.epoch(step * accum)}
 
-    def start(self, cfg, resume: str) -> Path | None:
-        """Create the folder and write config.yaml; return the checkpoint to resume from (or None)."""
-        import yaml
+    def derive(self, metrics: dict) -> dict:
+        return self.task.derive(metrics) if self.task.derive is not None else {}
 
-        if resume not in ("auto", "never") and not (Path(resume) / "state.json").is_file():
-            raise UserError(f'field "resume": {resume} is not a complete checkpoint folder')
-        if resume == "never" and self.path.exists():
-            for p in (self.checkpoints, self.final, self.metrics_path):
-                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-        self.path.mkdir(parents=True, exist_ok=True)
-        tmp = self.path / ".config.yaml.tmp"
-        tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        os.replace(tmp, self.path / "config.yaml")
-        for leftover in self.checkpoints.glob(".step-*") if self.checkpoints.is_dir() else []:
-            shutil.rmtree(leftover, ignore_errors=True)  # half-written by a killed run: never used
-        if resume == "never":
-            return None
-        if resume != "auto":
-            return Path(resume)
-        steps = self.checkpoint_steps()
-        return self.checkpoints / f"step-{steps[-1]}" if steps else None
+    def evaluate(self) -> dict:
+        return evaluate(self.task.model, self.task, self.task.eval_examples,
+                        self.cfg.eval_batch_size or self.cfg.batch_size, self.compute_dtype)
 
-    def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
-        self.checkpoints.mkdir(parents=True, exist_ok=True)
-        tmp = self.checkpoints / f".step-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        weights = {n: p.detach().to("cpu").contiguous() for n, p in trainable_parameters(model).items()}
-        save_file(weights, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
-        final = self.checkpoints / f"step-{step}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)  # the rename is what makes a checkpoint exist: it is complete or absent
-        for old in self.checkpoint_steps()[:-keep]:
-            shutil.rmtree(self.checkpoints / f"step-{old}", ignore_errors=True)
-        return final
-
-    @staticmethod
-    def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-        weights = load_file(path / "model.safetensors")
-        params = trainable_parameters(model)
-        missing = set(params) - set(weights)
-        if missing:
-            raise UserError(f"{path}: checkpoint does not match the model (missing {sorted(missing)[:3]})")
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(weights[name].to(p.device, p.dtype))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        state = json.loads((path / "state.json").read_text())
-        set_rng_state(state["rng"])
-        return state
-
-
-class MetricsLog:
-    """Appends one JSON object per logged step to metrics.jsonl (and to TensorBoard/W&B/MLflow if asked)."""
-
-    def __init__(self, run: RunDir, report_to: str, resume_step: int):
-        self.path = run.metrics_path
-        kept = []
-        if self.path.exists() and resume_step > 0:  # drop what a killed run logged after its last checkpoint
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line torn by a kill
-                    continue
-                if isinstance(record, dict) and record.get("step", 0) <= resume_step:
-                    kept.append(line)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        os.replace(tmp, self.path)
-        self.file = open(self.path, "a", encoding="utf-8")
-        self.writer, self.closer = _tracker(report_to, run, resume_step)
-
-    def log(self, step: int, metrics: dict) -> None:
-        clean = {k: (float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else v)
-                 for k, v in metrics.items()}
-        self.file.write(json.dumps({"step": step, **clean}) + "\n")
-        self.file.flush()
-        if self.writer is not None:
-            self.writer(step, clean)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.closer is not None:
-            self.closer()
-
-
-def _tracker(report_to: str, run: RunDir, resume_step: int):
-    """(write(step, metrics), close()) for the optional tracker, or (None, None)."""
-    if report_to == "none":
-        return None, None
-    if report_to == "tensorboard":
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError('report_to "tensorboard" needs the tensorboard package: pip install tensorboard') from None
-        writer = SummaryWriter(str(run.path / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
-
-        def write(step, metrics):
-            for k, v in metrics.items():
-                if isinstance(v, float):
-                    writer.add_scalar(k, v, step)
-            writer.flush()
-        return write, writer.close
-    if report_to == "wandb":
-        try:
-            import wandb
-        except ImportError:
-            raise UserError('report_to "wandb" needs: pip install "alignkit[tracking]"') from None
-        wandb.init(dir=str(run.path), name=run.path.name, resume="allow", id=_run_id(run))
-        return (lambda step, metrics: wandb.log(metrics, step=step)), wandb.finish
-    try:
-        import mlflow
-    except ImportError:
-        raise UserError('report_to "mlflow" needs: pip install "alignkit[tracking]"') from None
-    mlflow.start_run(run_name=run.path.name)
-    return (lambda step, metrics: mlflow.log_metrics(
-        {k.replace("/", "_"): v for k, v in metrics.items() if isinstance(v, float)}, step=step)), mlflow.end_run
-
-
-def _run_id(run: RunDir) -> str:
-    """A stable id per run folder, so a resumed run continues the same tracker run."""
-    import hashlib
-
-    return hashlib.sha1(str(run.path.resolve()).encode()).hexdigest()[:16]
-
-
-# ----------------------------------------------------------------------------------------------- fit
-def count_bad_steps(state: dict, finite: bool, step: int, max_bad_steps: int, run, closing=(), unit: str = "step",
-                    hint: str = "lower the learning rate") -> None:
-    """Keep `state`'s count of skipped (non-finite) steps; after `max_bad_steps` in a row, close `closing` and
-    stop with a TrainingError that names the last good checkpoint."""
-    if finite:
-        state["consecutive_bad"] = 0
-        return
-    state["consecutive_bad"] += 1
-    state["skipped_steps"] += 1
-    print(f"{unit} {step}: non-finite loss or gradient, update skipped ({state['consecutive_bad']} in a row)",
-          file=sys.stderr)
-    if state["consecutive_bad"] >= max_bad_steps:
-        for thing in closing:
-            thing.close()
-        good = run.checkpoint_steps()
-        where = f"last good checkpoint: {run.checkpoints / f'step-{good[-1]}'}" if good else "no checkpoint"
-        raise TrainingError(f"{state['consecutive_bad']} non-finite {unit}s in a row at {unit} {step} ({hint}); {where}")
+    def save_final(self, path: Path) -> None:
+        self.task.save_final(path)
 
 
 def fit(cfg, task: Task) -> dict:
-    """Train `task` as `cfg` says; return the last logged metrics. Resumes from the newest checkpoint."""
-    from alignkit.models.load import training_dtypes
+    """Train an offline `task` as `cfg` says; return the last logged metrics."""
+    return run(cfg, BatchTrainer(cfg, task))
 
+
+# ----------------------------------------------------------------------------------------------- run
+def enable_gradient_checkpointing(modules: torch.nn.Module) -> None:
+    """Recompute activations in the backward pass, on every model among `modules` (a model, or a ModuleDict
+    of them) that supports it."""
+    models = [modules] if hasattr(modules, "gradient_checkpointing_enable") else list(modules.children())
+    for model in models:
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers ≥ 5.x's name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif hasattr(model, "gradient_checkpointing_enable"):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def window_average(window: list[dict], latest: tuple[str, ...]) -> dict:
+    """The mean of each metric over the (finite) steps of a log window; `latest` ones keep their last value."""
+    keys = dict.fromkeys(k for m in window for k in m)
+    out = {k: sum(m[k] for m in window if k in m) / sum(k in m for m in window) for k in keys if k not in latest}
+    out.update({k: m[k] for m in window for k in latest if k in m})
+    return out
+
+
+def run(cfg, trainer: Trainer) -> dict:
+    """Run `trainer` as `cfg` says; return the last logged metrics. Resumes from the newest checkpoint."""
+    check_single_process()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
-    run = RunDir(cfg.output_dir)
+    run_dir = RunDir(cfg.output_dir)
     resume = cfg.resume or "auto"
-    if resume == "auto" and (done := run.completed()) is not None:
+    if resume == "auto" and (done := run_dir.completed()) is not None:
         return done
-    if not task.train_examples:
-        raise UserError("no training examples are left (all rows were held out or dropped)")
-    model = task.model
-    model.train()
+    modules, steps, unit = trainer.modules, trainer.total_steps, trainer.unit
+    modules.train()
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    _, compute_dtype = training_dtypes(cfg.dtype)
-    lengths = [len(x) for x in task.train_examples] if cfg.group_by_length else None
-    order = DataOrder(len(task.train_examples), cfg.batch_size, cfg.seed, lengths)
-    steps = total_steps(cfg, order)
-    optimizer = build_optimizer(model, cfg)
+        enable_gradient_checkpointing(modules)
+    optimizer = build_optimizer(modules, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
-    eval_bs = cfg.eval_batch_size or cfg.batch_size
-    # what fixes the data order and the schedule: a checkpoint only resumes a run with the same values
-    shape = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
-             "num_examples": len(task.train_examples), "total_steps": steps, "group_by_length": cfg.group_by_length,
-             "lr": cfg.lr, "lr_schedule": cfg.lr_schedule, "warmup_steps": cfg.warmup_steps}
 
-    checkpoint = run.start(cfg, resume)
-    state = {"consecutive_bad": 0, "skipped_steps": 0, "shape": shape}
+    checkpoint = run_dir.start(cfg, resume)
+    state = {"consecutive_bad": 0, "skipped_steps": 0, "shape": trainer.settings}
     start = 0
     if checkpoint is not None:
-        saved = json.loads((checkpoint / "state.json").read_text())
-        changed = {k: (saved.get("shape", {}).get(k), v) for k, v in shape.items()
-                   if saved.get("shape", {}).get(k) != v}
-        if changed:
-            what = ", ".join(f"{k} {old} → {new}" for k, (old, new) in changed.items())
-            raise UserError(f"{checkpoint}: the checkpoint belongs to a run with other settings ({what}); "
-                            "use the same settings, or --resume never to start over")
-        state = RunDir.load_checkpoint(checkpoint, model, optimizer, scheduler)
+        RunDir.check_settings(checkpoint, trainer.settings)
+        state = RunDir.load_checkpoint(checkpoint, modules, optimizer, scheduler)
         start = state.pop("step")
-        state.pop("rng", None)
-        print(f"resuming from {checkpoint} (step {start} of {steps})", file=sys.stderr)
-    if task.prepare is not None:
-        task.prepare(run)
-    log = MetricsLog(run, cfg.report_to, start)
-
-    def run_eval() -> dict:
-        return evaluate(model, task, task.eval_examples, eval_bs, compute_dtype)
+        trainer.load_state_dict(state.pop("trainer", {}))
+        print(f"resuming from {checkpoint} ({unit} {start} of {steps})", file=sys.stderr)
+    run_dir.cut_logs(start)
+    trainer.prepare(run_dir)
+    log = MetricsLog(run_dir, cfg.report_to, start)
 
     last: dict = {}
-    if start == 0 and task.eval_examples and cfg.eval_every > 0:
-        log.log(0, run_eval())
+    if start == 0 and trainer.evaluates and cfg.eval_every > 0:
+        log.log(0, trainer.evaluate())
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=start, desc=f"alignkit {task.name}", unit="step", disable=None,
+    bar = tqdm(total=steps, initial=start, desc=f"alignkit {trainer.name}", unit=unit, disable=None,
                dynamic_ncols=True, file=sys.stderr)
     window: list[dict] = []
-    window_tokens, window_start = 0, time.perf_counter()
+    window_tokens, window_seconds = 0, 0.0
     loop_start = time.perf_counter()
+    step = start
     for step in range(start + 1, steps + 1):
-        first = (step - 1) * cfg.grad_accum
-        batches = [task.collate([task.train_examples[i] for i in order.batch(k)])
-                   for k in range(first, first + cfg.grad_accum)]
-        metrics = train_step(model, optimizer, scheduler, batches, task, cfg.max_grad_norm, compute_dtype)
-        window_tokens += sum(task.tokens(b) for b in batches)
+        lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged as such)
+        began = time.perf_counter()
+        metrics = trainer.step(step, optimizer)
+        window_seconds += time.perf_counter() - began
+        with warnings.catch_warnings():  # a skipped step still advances the schedule (torch warns about that)
+            warnings.simplefilter("ignore", UserWarning)
+            scheduler.step()
         finite = metrics.pop("finite")
+        window_tokens += metrics.pop("tokens")
         if finite:
-            window.append(metrics)
-        count_bad_steps(state, finite, step, cfg.max_bad_steps, run, closing=(bar, log), unit="step",
-                        hint="lower the learning rate, check the data")
+            window.append({**metrics, "lr": lr})
+        count_bad_steps(state, finite, step, cfg.max_bad_steps, run_dir, closing=(bar, log), unit=unit,
+                        hint=trainer.nan_hint)
         bar.update(1)
+        stop = trainer.should_stop
+        last_step = step == steps or stop
         record: dict = {}
-        if step % cfg.log_every == 0 or step == steps:
-            elapsed = time.perf_counter() - window_start
-            keys = dict.fromkeys(k for m in window for k in m)
-            last = {k: sum(m[k] for m in window if k in m) / sum(k in m for m in window) for k in keys}
-            if task.derive is not None:
-                last.update(task.derive(last))
-            last.update({"epoch": order.epoch(step * cfg.grad_accum),
-                         "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+        if step % cfg.log_every == 0 or last_step:
+            last = window_average(window, trainer.latest)
+            last.update(trainer.derive(last))
+            last.update({"tokens_per_s": window_tokens / max(window_seconds, 1e-9),
                          "skipped_steps": state["skipped_steps"]})
             record.update(last)
-            bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4f}")
-            window, window_tokens, window_start = [], 0, time.perf_counter()
-        if task.eval_examples and ((cfg.eval_every and step % cfg.eval_every == 0) or step == steps):
-            result = run_eval()
+            if "loss" in last:
+                bar.set_postfix(loss=f"{last['loss']:.4f}")
+            window, window_tokens, window_seconds = [], 0, 0.0
+        if trainer.evaluates and ((cfg.eval_every and step % cfg.eval_every == 0) or last_step):
+            result = trainer.evaluate()
             record.update(result)
             last.update(result)
         if record:
             log.log(step, record)  # one object per logged step: training and evaluation metrics together
-        if cfg.save_every and step % cfg.save_every == 0 and step < steps and state["consecutive_bad"] == 0:
-            run.save_checkpoint(step, model, optimizer, scheduler, state, cfg.keep_checkpoints)
+        if cfg.save_every and step % cfg.save_every == 0 and not last_step and state["consecutive_bad"] == 0:
+            run_dir.save_checkpoint(step, modules, optimizer, scheduler, {**state, "trainer": trainer.state_dict()},
+                                    cfg.keep_checkpoints)
+        if stop:
+            print(f"alignkit {trainer.name}: stopping at {unit} {step} (the trainer asked to stop)", file=sys.stderr)
+            break
     bar.close()
     log.close()
     loop_seconds = time.perf_counter() - loop_start
-    task.save_final(run.final)
-    run.mark_done(step=steps, metrics=last, loop_seconds=loop_seconds, steps_this_process=steps - start)
-    print(f"alignkit {task.name}: done, {steps} steps; final model in {run.final}")
+    trainer.save_final(run_dir.final)
+    run_dir.mark_done(step=step, metrics=last, loop_seconds=loop_seconds, steps_this_process=step - start,
+                      **trainer.summary())
+    print(f"alignkit {trainer.name}: done, {step} {unit}s; final model in {run_dir.final}")
     return last

@@ -60,6 +60,16 @@ class Reference:
         self.model = None
 
 
+def reference_logps(batch, reference: Reference | None, like: torch.Tensor) -> torch.Tensor:
+    """(2B,) reference log-probs of a preference batch (`PrefBatch`): precomputed, computed now, or zeros
+    (reference-free), in `like`'s dtype and device."""
+    if batch.ref_logps is not None:
+        return batch.ref_logps.to(like.device, like.dtype)
+    if reference is None:
+        return torch.zeros_like(like)
+    return reference.pair_logps(batch.pairs).logps.to(like.dtype)
+
+
 def build_reference(cfg, policy) -> Reference | None:
     if cfg.reference_free:
         return None

@@ -16,34 +16,20 @@ from alignkit.data.collate import (
     PackedBatch,
     PairBatch,
     RankedBatch,
-    TokenizedPair,
-    TokenizedRanking,
     collate_packed_pairs,
     collate_packed_rankings,
     collate_pairs,
     collate_rankings,
 )
 from alignkit.data.convert import comparisons_as, ranked_to_pairwise
-from alignkit.data.rows import PairRow, RankedRow, tie_groups
+from alignkit.data.encode import encode_pair, encode_ranking
 from alignkit.data.tokenize import Encoder
 from alignkit.losses import bradley_terry_loss, plackett_luce_loss
 from alignkit.models.load import load_reward_model, load_tokenizer, prepare_trainable, save_pretrained_atomic
 from alignkit.models.logps import reward_scores
 from alignkit.train.common import load_train_eval
-from alignkit.train.loop import StepOutput, Task, fit, seed_everything
-
-
-def encode_pair(encoder: Encoder, row: PairRow) -> TokenizedPair:
-    prompt = encoder.prompt_ids(row.prompt, row.source)
-    chosen = encoder.join(prompt, encoder.response_ids(row.prompt, row.chosen, row.source))
-    rejected = encoder.join(prompt, encoder.response_ids(row.prompt, row.rejected, row.source))
-    return TokenizedPair(chosen, rejected, row.margin)
-
-
-def encode_ranking(encoder: Encoder, row: RankedRow) -> TokenizedRanking:
-    prompt = encoder.prompt_ids(row.prompt, row.source)
-    responses = tuple(encoder.join(prompt, encoder.response_ids(row.prompt, r, row.source)) for r in row.responses)
-    return TokenizedRanking(responses, tuple(tie_groups(row)))
+from alignkit.train.loop import StepOutput, Task, fit
+from alignkit.train.run import seed_everything
 
 
 def pair_accuracy(better: torch.Tensor, worse: torch.Tensor) -> float:

@@ -11,7 +11,8 @@ from alignkit.losses import sft_token_loss
 from alignkit.models.load import load_causal_lm, load_tokenizer, prepare_trainable, save_pretrained_atomic
 from alignkit.models.logps import sequence_logps
 from alignkit.train.common import drop_untrainable, load_train_eval
-from alignkit.train.loop import StepOutput, Task, fit, seed_everything
+from alignkit.train.loop import StepOutput, Task, fit
+from alignkit.train.run import seed_everything
 
 
 def sft_step_loss(model, batch: SequenceBatch) -> StepOutput:
