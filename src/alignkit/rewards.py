@@ -11,7 +11,7 @@ import torch
 
 from alignkit.data.collate import Tokenized, collate_sequences, pack_sequences, to_device
 from alignkit.data.rows import plain_text
-from alignkit.data.tokenize import Encoder
+from alignkit.data.tokenize import Encoder, same_vocabulary
 from alignkit.errors import UserError
 from alignkit.models.load import default_device, load_reward_model, load_tokenizer
 from alignkit.models.logps import reward_scores
@@ -94,9 +94,3 @@ class Scorer:
                 raise UserError(f"reward_fn returned {len(values)} scores for {len(prompts)} responses")
             total += torch.tensor([float(v) for v in values])
         return total, spread
-
-
-def same_vocabulary(a, b) -> bool:
-    """Whether tokenizer `b` gives every token of tokenizer `a` the same id (it may have extra tokens)."""
-    other = b.get_vocab()
-    return all(other.get(token) == i for token, i in a.get_vocab().items())

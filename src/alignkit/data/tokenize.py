@@ -161,3 +161,9 @@ class Encoder:
         if row.messages is not None:
             return self.messages(row.messages, row.source, completion_only)
         return self.prompt_response(row.prompt, row.completion, row.source, completion_only)
+
+
+def same_vocabulary(a, b) -> bool:
+    """Whether tokenizer `b` gives every token of tokenizer `a` the same id (it may have extra tokens)."""
+    other = b.get_vocab()
+    return all(other.get(token) == i for token, i in a.get_vocab().items())

@@ -171,6 +171,22 @@ def prepare_trainable(model, cfg, task_type: str):
     return apply_lora(model, cfg, task_type)
 
 
+def load_value_model(path: str, policy_tokenizer, cfg):
+    """PPO's value model: a one-output sequence classifier initialised from `path` (a reward model, or the
+    policy), trained in float32, with dropout off when `cfg.disable_dropout`. It reads the policy's token ids,
+    so its tokenizer must give every token the same id."""
+    from alignkit.data.tokenize import same_vocabulary
+
+    tokenizer = load_tokenizer(path, cfg.trust_remote_code)
+    if not same_vocabulary(policy_tokenizer, tokenizer):
+        raise UserError(f"{path}: the value model's vocabulary differs from the policy's (it reads the policy's "
+                        "token ids); set value_model to a model with the policy's tokenizer, e.g. the policy itself")
+    model = load_reward_model(path, tokenizer, cfg.dtype, cfg.trust_remote_code)
+    if cfg.disable_dropout:
+        disable_dropout(model)
+    return model
+
+
 def apply_lora(model, cfg, task_type: str):
     """Wrap `model` with PEFT LoRA adapters when `cfg.lora_r` > 0 (else return it unchanged)."""
     if cfg.lora_r <= 0:

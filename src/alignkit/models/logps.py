@@ -41,7 +41,7 @@ class LogProbs:
     @property
     def mean_logps(self) -> torch.Tensor:
         """(N,) per-token average log-probability (IPO, SimPO)."""
-        return self.logps / self.lengths.clamp(min=1)
+        return per_token(self.logps, self.lengths)
 
 
 @dataclass
@@ -53,7 +53,12 @@ class SequenceLogps:
 
     @property
     def mean_logps(self) -> torch.Tensor:
-        return self.logps / self.lengths.clamp(min=1)
+        return per_token(self.logps, self.lengths)
+
+
+def per_token(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Summed log-probabilities averaged over their tokens (IPO, SimPO); a sequence of no tokens gives 0."""
+    return logps / lengths.clamp(min=1)
 
 
 def _unwrap(model):

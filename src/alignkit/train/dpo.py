@@ -15,9 +15,9 @@ import torch
 from alignkit.data.convert import ranked_to_pairwise
 from alignkit.data.encode import encode_pair
 from alignkit.data.tokenize import Encoder
-from alignkit.losses import dpo_loss
+from alignkit.losses import dpo_implicit_rewards, dpo_loss
 from alignkit.models.load import load_tokenizer
-from alignkit.models.logps import pair_logps
+from alignkit.models.logps import pair_logps, per_token
 from alignkit.train.common import load_train_eval
 from alignkit.train.loop import StepOutput, fit
 from alignkit.train.preference_data import PrefBatch, PrefExample, preference_task
@@ -32,7 +32,7 @@ def dpo_step_loss(model, batch: PrefBatch, cfg, reference: Reference | None) -> 
     lengths = policy.lengths.to(policy.logps.dtype)
     pi, rf = policy.logps, ref
     if cfg.loss == "ipo" and cfg.ipo_average:                                # IPO on per-token averages
-        pi, rf = pi / lengths.clamp(min=1), rf / lengths.clamp(min=1)
+        pi, rf = per_token(pi, lengths), per_token(rf, lengths)
     pi_c, pi_r = pi.chunk(2)
     ref_c, ref_r = rf.chunk(2)
     len_c, len_r = lengths.chunk(2)
@@ -40,10 +40,11 @@ def dpo_step_loss(model, batch: PrefBatch, cfg, reference: Reference | None) -> 
                       label_smoothing=cfg.label_smoothing, gamma=cfg.simpo_gamma, alpha=cfg.rdpo_alpha,
                       chosen_lengths=len_c, rejected_lengths=len_r)
     with torch.no_grad():
-        if cfg.loss == "simpo":  # SimPO's implicit reward: β · average log-prob
-            r_c, r_r = cfg.beta * pi_c / len_c.clamp(min=1), cfg.beta * pi_r / len_r.clamp(min=1)
+        if cfg.loss == "simpo":  # SimPO's implicit reward: β · average log-prob (no reference)
+            r_c = dpo_implicit_rewards(per_token(pi_c, len_c), torch.zeros_like(pi_c), cfg.beta)
+            r_r = dpo_implicit_rewards(per_token(pi_r, len_r), torch.zeros_like(pi_r), cfg.beta)
         else:
-            r_c, r_r = cfg.beta * (pi_c - ref_c), cfg.beta * (pi_r - ref_r)
+            r_c, r_r = dpo_implicit_rewards(pi_c, ref_c, cfg.beta), dpo_implicit_rewards(pi_r, ref_r, cfg.beta)
         n = batch.size
         lp_c, lp_r = policy.logps.detach().chunk(2)
         metrics = {

@@ -26,7 +26,7 @@ from alignkit.data.collate import TokenizedPair
 from alignkit.data.convert import pairwise_to_unary, ranked_to_unary
 from alignkit.data.rows import UnaryRow
 from alignkit.data.tokenize import Encoder
-from alignkit.losses import kto_loss
+from alignkit.losses import dpo_implicit_rewards, kto_loss
 from alignkit.models.load import load_tokenizer
 from alignkit.models.logps import pair_logps
 from alignkit.train.common import load_train_eval
@@ -79,7 +79,7 @@ def kto_step_loss(model, batch: PrefBatch, cfg, reference, kl: torch.Tensor | No
     losses = kto_loss(pi, ref_own, batch.labels, kl, beta=cfg.beta, desirable_weight=cfg.desirable_weight,
                       undesirable_weight=cfg.undesirable_weight)
     with torch.no_grad():
-        r = cfg.beta * (pi - ref_own)
+        r = dpo_implicit_rewards(pi, ref_own, cfg.beta)        # β log π/ref, the reward KTO thresholds at z0
         z = cfg.beta * kl.clamp(min=0)
         good, bad = batch.labels, ~batch.labels
         n_good, n_bad = int(good.sum()), int(bad.sum())

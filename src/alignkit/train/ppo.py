@@ -20,15 +20,13 @@ import torch
 
 from alignkit.data.collate import PackedBatch, to_device
 from alignkit.data.tokenize import Encoder
-from alignkit.errors import UserError
 from alignkit.losses.rl import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from alignkit.models.load import (
     default_device,
-    disable_dropout,
     load_causal_lm,
     load_reference,
-    load_reward_model,
     load_tokenizer,
+    load_value_model,
     prepare_trainable,
     quiet_transformers,
     save_pretrained_atomic,
@@ -36,7 +34,7 @@ from alignkit.models.load import (
 )
 from alignkit.models.logps import packed_target_logps, packed_token_values
 from alignkit.models.precision import autocast_context
-from alignkit.rewards import Scorer, load_reward_fn, same_vocabulary
+from alignkit.rewards import Scorer, load_reward_fn
 from alignkit.rl.detector import HackingDetector
 from alignkit.rl.evaluate import evaluate_policy
 from alignkit.rl.monitors import Monitors
@@ -59,13 +57,6 @@ def kl_estimator(cfg) -> str:
     """The per-token KL estimator: `kl_estimator`, else k3 for grpo (in the loss, as DeepSeekMath) and k1 for
     ppo and rloo (in the reward, as Ziegler et al.)."""
     return cfg.kl_estimator or ("k3" if cfg.algo == "grpo" else "k1")
-
-
-def check_same_vocabulary(policy_tokenizer, other_tokenizer, path: str) -> None:
-    """The value model reads the policy's token ids, so its tokenizer must give every token the same id."""
-    if not same_vocabulary(policy_tokenizer, other_tokenizer):
-        raise UserError(f"{path}: the value model's vocabulary differs from the policy's (it reads the policy's "
-                        "token ids); set value_model to a model with the policy's tokenizer, e.g. the policy itself")
 
 
 def measure(cfg, policy, reference, value, everything: PackedBatch, rollout, mask, compute_dtype, single: bool):
@@ -201,11 +192,7 @@ class PPOTrainer(Trainer):
         self.value = None
         if cfg.algo == "ppo":
             init = cfg.value_model or (list(cfg.reward_models) + [cfg.reward_model])[0] or cfg.model
-            value_tokenizer = load_tokenizer(init, cfg.trust_remote_code)
-            check_same_vocabulary(tokenizer, value_tokenizer, init)
-            self.value = load_reward_model(init, value_tokenizer, cfg.dtype, cfg.trust_remote_code)
-            if cfg.disable_dropout:
-                disable_dropout(self.value)
+            self.value = load_value_model(init, tokenizer, cfg)
         trained = {"policy": self.policy} if self.value is None else {"policy": self.policy, "value": self.value}
         self.modules = torch.nn.ModuleDict(trained)
         self.compute_dtype = training_dtypes(cfg.dtype)[1]
