@@ -246,3 +246,24 @@ def test_chunked_attention_llama4_packs_exactly(capsys):
                             [_oracle_logps(model, p.rejected) for p in pairs])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
     assert "using padded batches" not in capsys.readouterr().err
+
+
+def test_packing_that_is_not_exact_is_caught_and_read_padded(zoo, data, monkeypatch, capsys):
+    """A packed mask that forgets Mistral's sliding window (what transformers does with a 4D mask) disagrees
+    with the padded forward on sequences longer than the window: the check catches it, says so once, and the
+    numbers come from padded rows — equal to plain transformers."""
+    from alignkit.data.collate import TokenizedPair, collate_packed_pairs
+    from alignkit.models import logps
+
+    monkeypatch.setattr(logps, "packed_attention_mask", lambda config, mask, position_ids: mask)
+    enc = _encoder(zoo["mistral"]["policy"])
+    pairs = [TokenizedPair(*_pair(enc, r["prompt"], r["chosen"], r["rejected"])) for r in data["pairs"]]
+    policy = _plain(zoo["mistral"]["policy"])
+    with torch.no_grad():
+        got = logps.pair_logps(policy, collate_packed_pairs(pairs, enc.tokenizer.pad_token_id)).logps
+        want = torch.tensor([_oracle_logps(policy, p.chosen) for p in pairs] +
+                            [_oracle_logps(policy, p.rejected) for p in pairs])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    notice = capsys.readouterr().err
+    assert "MistralForCausalLM: packed rows do not reproduce a padded forward" in notice
+    assert "using padded batches for sequences longer than its attention window (6)" in notice

@@ -193,6 +193,23 @@ def padded_view(batch: PackedBatch) -> PackedBatch:
         num_tokens=batch.num_tokens, spans=None, pad_id=batch.pad_id)
 
 
+def _one_row(batch: PackedBatch, row: int) -> PackedBatch:
+    """Row `row` of a packed batch as a batch of its own (its sequences numbered from 0), for the check."""
+    width = batch.input_ids.shape[1]
+    seqs = (batch.spans[:, 0] == row).nonzero().squeeze(-1)                          # (S',) its sequences
+    number = torch.full((batch.spans.shape[0],), -1, dtype=torch.long, device=seqs.device)
+    number[seqs] = torch.arange(len(seqs), device=seqs.device)
+    keep = batch.positions // width == row
+    spans = batch.spans[seqs].clone()
+    spans[:, 0] = 0
+    return PackedBatch(
+        input_ids=batch.input_ids[row:row + 1], attention_mask=batch.attention_mask[row:row + 1],
+        position_ids=batch.position_ids[row:row + 1], positions=batch.positions[keep] - row * width,
+        targets=batch.targets[keep], owner=number[batch.owner[keep]],
+        last_positions=batch.last_positions[seqs] - row * width, margin=None, num_tokens=0, spans=spans,
+        pad_id=batch.pad_id)
+
+
 def _kwargs(batch: SequenceBatch | PackedBatch, attention_mask=None) -> dict:
     return {"input_ids": batch.input_ids, "position_ids": batch.position_ids, "use_cache": False,
             "attention_mask": batch.attention_mask if attention_mask is None else attention_mask}
@@ -212,12 +229,14 @@ def model_batch(model, batch: PackedBatch) -> tuple[PackedBatch, dict]:
     long = window is not None and int(batch.position_ids.max()) >= window
     packed = _kwargs(batch, packed_attention_mask(config, batch.attention_mask, batch.position_ids))
 
-    def check():
+    def check():  # on the row that holds the longest sequence: its blocks, prompts and windows
         backbone = _backbone(model)
-        plain = padded_view(batch)
-        at = torch.cat([batch.positions, batch.last_positions])
+        row = _one_row(batch, int(batch.position_ids.max(-1).values.argmax()))
+        plain = padded_view(row)
+        at = torch.cat([row.positions, row.last_positions])
         at_plain = torch.cat([plain.positions, plain.last_positions])
-        fast = backbone(**packed).last_hidden_state.flatten(0, 1)[at]
+        mask = packed_attention_mask(config, row.attention_mask, row.position_ids)
+        fast = backbone(**_kwargs(row, mask)).last_hidden_state.flatten(0, 1)[at]
         slow = backbone(**_kwargs(plain)).last_hidden_state.flatten(0, 1)[at_plain]
         ok, error = _close(fast, slow, _weights_dtype(model))
         return ok, f"packed rows do not reproduce a padded forward (diff {error:.2g})"
@@ -334,9 +353,9 @@ def _head_scores(model, batch: PackedBatch, kwargs: dict) -> torch.Tensor:
 
 def _score_shortcut_ok(model, batch: PackedBatch) -> bool:
     """Whether backbone → score head at the last token reproduces the classifier's own forward (checked once,
-    on the batch's sequences padded one per row)."""
+    on the sequences of the batch's first row, padded one per row)."""
     def check():
-        plain = padded_view(batch)
+        plain = padded_view(_one_row(batch, 0))
         if not isinstance(getattr(_unwrap(model), "score", None), torch.nn.Module):
             return False, "no score head"
         fast = _head_scores(model, plain, _kwargs(plain))
