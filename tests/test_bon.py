@@ -64,3 +64,104 @@ def test_fit_recovers_a_known_curve():
     assert fit["r2"] == pytest.approx(1.0, abs=1e-12)
     noisy = fit_bon_curve(d, [g + (0.05 if i % 2 else -0.05) for i, g in enumerate(gain)])
     assert 0.5 < noisy["r2"] < 1.0
+
+
+# ------------------------------------------------------------------------------------------- sampling
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    from alignkit.examples import pairwise_rows, write_jsonl
+
+    rows = [{"prompt": r["prompt"]} for r in pairwise_rows(6, seed=31)]
+    return str(write_jsonl(tmp_path_factory.mktemp("bon") / "prompts.jsonl", rows))
+
+
+def test_bon_command_keeps_the_top_scored_candidate(tmp_path, tiny_model_dir, prompts_file, capsys):
+    """`alignkit bon --n 8` on a rule reward: each row keeps its highest-scored candidate, the kept ones beat
+    the mean candidate, and the report prints the KL bound log 8 − 7/8."""
+    import json
+
+    from alignkit.cli import main
+    from alignkit.examples import good_word_share
+
+    out = tmp_path / "bon.jsonl"
+    code = main(["bon", "--model", tiny_model_dir, "--data", prompts_file, "--n", "8", "--output", str(out),
+                 "--reward-fn", "python:alignkit.examples:good_word_share", "--max-new-tokens", "8", "--seed", "3"])
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 6 and all(len(r["candidates"]) == 8 for r in rows)
+    for r in rows:
+        scores = [c["score"] for c in r["candidates"]]
+        assert r["best_score"] == max(scores)
+        assert r["best"] == r["candidates"][scores.index(max(scores))]["text"]
+        assert scores == pytest.approx(good_word_share([r["prompt"]] * 8, [c["text"] for c in r["candidates"]]))
+    mean_best = sum(r["best_score"] for r in rows) / len(rows)
+    mean_candidate = sum(c["score"] for r in rows for c in r["candidates"]) / (8 * len(rows))
+    assert mean_best > mean_candidate
+    printed = capsys.readouterr().out
+    assert f"{math.log(8) - 7 / 8:.4f}" in printed and "mean best score" in printed
+
+
+def test_best_of_n_samples_a_prompts_n_candidates_in_one_generation(tiny_model_dir, tokenizer):
+    """Prompts are batched (batch_size samples per call) with each prompt repeated n times, so the engine
+    prefills it once; a reward model scores every candidate; a seed fixes the result."""
+    import torch
+
+    from alignkit.bon import best_of_n
+    from alignkit.data.tokenize import Encoder
+    from alignkit.models.load import load_causal_lm
+    from alignkit.rl.rollout import generate
+
+    calls = []
+
+    def recording(model, prompts, **kw):
+        calls.append(prompts)
+        return generate(model, prompts, **kw)
+
+    model = load_causal_lm(tiny_model_dir)
+    enc = Encoder(tokenizer, 64, 32)
+    prompts = [(p, enc.prompt_ids(p)) for p in ("copy cat ->", "copy dog fox ->", "describe the red owl ->")]
+
+    def scorer(prompts, texts, finished, sampled):  # longer responses score higher
+        return torch.tensor([float(len(t.split())) for t in texts]), None
+
+    picked = best_of_n(model, tokenizer, prompts, scorer, 4, max_new_tokens=6, batch_size=8, seed=1,
+                       generate_fn=recording)
+    assert [len(c) for c in calls] == [8, 4]  # 2 prompts × 4, then 1 × 4
+    assert calls[0][:4] == [prompts[0][1]] * 4 and calls[0][4:] == [prompts[1][1]] * 4
+    assert [r.prompt for r in picked] == [p for p, _ in prompts]
+    for r in picked:
+        assert r.best_score == max(r.scores) == len(r.best.split())
+    again = best_of_n(model, tokenizer, prompts, scorer, 4, max_new_tokens=6, batch_size=8, seed=1)
+    assert [r.candidates for r in again] == [r.candidates for r in picked]
+
+
+def test_bon_scores_with_a_reward_model(tmp_path, tiny_model_dir, tokenizer, prompts_file):
+    """A reward model (random head) scores the candidates as plain transformers scores their text."""
+    import json
+
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from alignkit.bon import run_bon
+    from alignkit.config import BonConfig
+    from alignkit.models.load import load_reward_model, load_tokenizer, save_pretrained_atomic
+
+    rm_tokenizer = load_tokenizer(tiny_model_dir)
+    rm = load_reward_model(tiny_model_dir, rm_tokenizer)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(rm.score.weight)
+    save_pretrained_atomic(rm, rm_tokenizer, tmp_path / "rm")
+    out = tmp_path / "bon.jsonl"
+    summary = run_bon(BonConfig(model=tiny_model_dir, data=(prompts_file,), output=str(out), n=3,
+                                reward_model=str(tmp_path / "rm"), max_new_tokens=5))
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["prompts"] == len(rows) == 6 and summary["kl_bound"] == pytest.approx(kl_bound(3))
+    assert summary["mean_best_score"] > summary["mean_candidate_score"]
+    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "rm").eval()
+    row = rows[0]
+    for c in row["candidates"]:  # a finished candidate is scored with its EOS, a cut one without
+        ids = tokenizer(row["prompt"] + " " + c["text"]).input_ids  # the word tokenizer joins words with spaces
+        with torch.no_grad():
+            plain_scores = [float(plain(input_ids=torch.tensor([x])).logits[0, 0])
+                            for x in (ids, ids + [tokenizer.eos_token_id])]
+        assert min(abs(c["score"] - s) for s in plain_scores) < 1e-4

@@ -1,5 +1,6 @@
-"""Best-of-N maths (SPEC §11): the KL bound of best-of-n sampling, the unbiased estimate of best-of-n's expected
-gold reward from N ≥ n scored samples, and Gao et al.'s d(α − βd) curve.
+"""Best-of-N (SPEC §10, §11): sampling N responses and keeping the best (`best_of_n`, `alignkit bon`), and its
+maths: the KL bound of best-of-n sampling, the unbiased estimate of best-of-n's expected gold reward from
+N ≥ n scored samples, and Gao et al.'s d(α − βd) curve.
 
 - Stiennon et al. 2020 / Gao et al. 2022: KL(best-of-n ‖ base) ≤ log n − (n − 1)/n (exact for distinct samples).
 - Nakano et al. 2021 (WebGPT) / Gao et al. 2022: with N samples sorted by proxy score, sample i (0-based rank
@@ -12,8 +13,13 @@ gold reward from N ≥ n scored samples, and Gao et al.'s d(α − βd) curve.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 
 
 def kl_bound(n: int) -> float:
@@ -79,3 +85,118 @@ def fit_bon_curve(d: Sequence[float], gold_gain: Sequence[float]) -> dict:
 
 def _log_comb(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+
+
+# ------------------------------------------------------------------------------------------- sampling
+@dataclass
+class BestOfN:
+    """One prompt's best-of-n: every candidate with its score, and the one kept (the highest score; the first
+    of equals)."""
+
+    prompt: object             # as in the data: a string or a list of chat messages
+    candidates: list[str]
+    scores: list[float]
+    finished: list[bool]       # each candidate ended with EOS (else it hit max_new_tokens)
+
+    @property
+    def best_index(self) -> int:
+        return max(range(len(self.scores)), key=lambda i: self.scores[i])
+
+    @property
+    def best(self) -> str:
+        return self.candidates[self.best_index]
+
+    @property
+    def best_score(self) -> float:
+        return self.scores[self.best_index]
+
+    def row(self) -> dict:
+        """The output row of SPEC §10: {prompt, best, best_score, candidates: [{text, score}]}."""
+        return {"prompt": self.prompt, "best": self.best, "best_score": self.best_score,
+                "candidates": [{"text": t, "score": s} for t, s in zip(self.candidates, self.scores)]}
+
+
+def best_of_n(model, tokenizer, prompts: list[tuple[object, list[int]]], scorer, n: int, *,
+              max_new_tokens: int = 64, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0,
+              batch_size: int = 64, compute_dtype=None, generate_fn=None, progress=None) -> list[BestOfN]:
+    """Sample `n` responses to each (prompt, prompt_ids) and score them; returns one `BestOfN` per prompt.
+
+    Generation is batched across prompts (`batch_size` samples per call), and the n samples of a prompt share
+    one prefill of it (the rollout engine copies a repeated prompt's KV cache). `scorer` is an
+    `alignkit.rewards.Scorer` or anything with its call: (prompts, responses, finished, sampled) → (scores,
+    spread). Each chunk of prompts draws from its own generator seeded by (seed, chunk), so a result does not
+    depend on how many prompts came before it in another run. `progress(k)` is called after k more prompts.
+    """
+    from alignkit.rl.responses import sample_responses
+    from alignkit.rl.rollout import generate
+
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    chunk = max(1, batch_size // n)
+    was_training = model.training
+    model.eval()
+    results: list[BestOfN] = []
+    for begin in range(0, len(prompts), chunk):
+        part = prompts[begin:begin + chunk]
+        batch = sample_responses(model, tokenizer, part, n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, generator=_generator(seed, begin), compute_dtype=compute_dtype,
+                                 generate_fn=generate_fn or generate)
+        scores, _ = scorer(batch.prompts, batch.texts, batch.finished, batch.seqs)                  # (len(part)·n,)
+        scores = [float(v) for v in scores]
+        for j, (prompt, _) in enumerate(part):
+            rows = slice(j * n, (j + 1) * n)
+            results.append(BestOfN(prompt, batch.texts[rows], scores[rows], batch.finished[rows]))
+        if progress is not None:
+            progress(len(part))
+    model.train(was_training)
+    return results
+
+
+def _generator(seed: int, begin: int):
+    import torch
+
+    return torch.Generator().manual_seed(seed * 1_000_003 + begin)
+
+
+def run_bon(cfg) -> dict:
+    """`alignkit bon`: best-of-n over a prompts file; writes cfg.output (JSON lines, atomically) and returns
+    (and prints) the summary: n, prompts, mean best score, mean candidate score, the KL bound."""
+    from tqdm.auto import tqdm
+
+    from alignkit.data.formats import load_rows
+    from alignkit.data.tokenize import Encoder
+    from alignkit.errors import UserError
+    from alignkit.models.load import load_causal_lm, load_tokenizer, quiet_transformers, training_dtypes
+    from alignkit.rewards import Scorer
+
+    quiet_transformers()
+    result = load_rows(list(cfg.data), kind="auto", on_bad_row=cfg.on_bad_row)
+    if result.skipped:
+        print(f"warning: skipped {result.skipped} bad rows (on_bad_row: skip)", file=sys.stderr)
+    tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
+    encoder = Encoder(tokenizer, cfg.max_prompt_length + cfg.max_new_tokens, cfg.max_prompt_length)
+    prompts = [(row.prompt, encoder.prompt_ids(row.prompt, row.source)) for row in result.rows
+               if getattr(row, "prompt", None)]
+    if not prompts:
+        raise UserError(f"{cfg.data[0]}: no rows with a prompt")
+    scorer = Scorer(cfg, policy_tokenizer=tokenizer)
+    model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, for_training=False).eval()
+    bar = tqdm(total=len(prompts), desc=f"alignkit bon (n={cfg.n})", unit="prompt", disable=None, file=sys.stderr)
+    picked = best_of_n(model, tokenizer, prompts, scorer, cfg.n, max_new_tokens=cfg.max_new_tokens,
+                       temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
+                       compute_dtype=training_dtypes(cfg.dtype)[1], progress=bar.update)
+    bar.close()
+    out = Path(cfg.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in picked:
+            f.write(json.dumps(r.row(), ensure_ascii=False) + "\n")
+    os.replace(tmp, out)
+    candidates = [s for r in picked for s in r.scores]
+    summary = {"n": cfg.n, "prompts": len(picked), "mean_best_score": sum(r.best_score for r in picked) / len(picked),
+               "mean_candidate_score": sum(candidates) / len(candidates), "kl_bound": kl_bound(cfg.n)}
+    print(f"alignkit bon: {len(picked)} prompts × {cfg.n} samples → {out}; mean best score "
+          f"{summary['mean_best_score']:.4f}, mean candidate score {summary['mean_candidate_score']:.4f}; "
+          f"KL(best-of-{cfg.n} ‖ policy) ≤ log n − (n−1)/n = {summary['kl_bound']:.4f} nats")
+    return summary

@@ -12,6 +12,7 @@ import sys
 import typing
 
 from alignkit.config import (
+    BonConfig,
     DPOConfig,
     KTOConfig,
     PPOConfig,
@@ -34,6 +35,8 @@ TRAIN_COMMANDS = {
             "hinge, SimPO, R-DPO) on pairwise data"),
     "kto": (KTOConfig, "alignkit.train.kto:train_kto", "Kahneman-Tversky optimisation on unary or pairwise data"),
     "ppo": (PPOConfig, "alignkit.train.ppo:train_ppo", "online RLHF: PPO, RLOO or GRPO with a KL penalty"),
+    # commands that are not training runs but read their settings the same way (a config class, --help)
+    "bon": (BonConfig, "alignkit.bon:run_bon", "Best-of-N: sample n responses per prompt, keep the best by score"),
 }
 
 

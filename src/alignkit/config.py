@@ -263,6 +263,46 @@ class PPOConfig(TrainConfig):
             raise UserError('fields "hacking_window" and "hacking_patience" must be at least 1')
 
 
+@dataclass(frozen=True)
+class BonConfig:
+    """`alignkit bon`: Best-of-N — sample n responses per prompt, score them with reward models (an ensemble)
+    and/or a rule reward, keep the best (SPEC §10)."""
+
+    model: str = option("", "Policy to sample from: a Hugging Face checkpoint folder.")
+    data: tuple[str, ...] = option((), "Prompts: files of rows with a `prompt` (any row kind that has one).")
+    output: str = option("bon.jsonl", "Output JSONL: {prompt, best, best_score, candidates: [{text, score}]} per prompt.")
+    n: int = option(8, "Samples per prompt; the best by score is kept.")
+    reward_models: tuple[str, ...] = option((), "Reward model folder(s); several form an ensemble.")
+    reward_model: str = option("", "One reward model folder (same as reward_models with one entry).")
+    reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; added to the reward models.")
+    ensemble: str = option("mean", "How several reward models combine.", ("mean", "min", "uwo"))
+    uwo_lambda: float = option(1.0, "λ in uwo = mean − λ·variance across the ensemble.")
+    max_new_tokens: int = option(64, "Longest response to sample.")
+    temperature: float = option(1.0, "Sampling temperature.")
+    top_p: float = option(1.0, "Nucleus sampling threshold.")
+    seed: int = option(0, "Seed of the sampling (each chunk of prompts draws from its own generator).")
+    batch_size: int = option(64, "Samples per generation call (prompts per call = batch_size // n, at least 1).")
+    max_prompt_length: int = option(1024, "Longest prompt in tokens; longer prompts keep their last tokens.")
+    prefix_sharing: bool = option(True, "Reward models score a prompt's samples in one packed row.")
+    dtype: str = option("auto", "Precision: auto = float32 on CPU, bfloat16 on GPU.", ("auto", "float32", "bfloat16"))
+    on_bad_row: str = option("error", "error = stop at the first bad row; skip = skip bad rows and report how many.", ("error", "skip"))
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint folder to run (off by default).")
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.model:
+            raise UserError('field "model" is required (a checkpoint folder)')
+        if not self.data:
+            raise UserError('field "data" is required (one or more prompt files)')
+        if not (self.reward_models or self.reward_model or self.reward_fn):
+            raise UserError('give reward_models (or reward_model) and/or reward_fn')
+        for name in ("n", "max_new_tokens", "batch_size", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise UserError(f'field "{name}" must be at least 1, got {getattr(self, name)}')
+        if not self.temperature > 0:
+            raise UserError(f'field "temperature" must be positive, got {self.temperature}')
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Introspection, parsing and validation shared by every config class.
 
