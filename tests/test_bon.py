@@ -165,3 +165,52 @@ def test_bon_scores_with_a_reward_model(tmp_path, tiny_model_dir, tokenizer, pro
             plain_scores = [float(plain(input_ids=torch.tensor([x])).logits[0, 0])
                             for x in (ids, ids + [tokenizer.eos_token_id])]
         assert min(abs(c["score"] - s) for s in plain_scores) < 1e-4
+
+
+class _Verdict:
+    def __init__(self, winner):
+        self.winner = winner
+
+
+class _LongerWins:
+    """A pairwise-only judge: the response with more words wins, equal lengths tie."""
+
+    can_score = False
+
+    def __init__(self):
+        self.calls = 0
+
+    def compare_batch(self, items):
+        self.calls += 1
+        return [_Verdict(None if len(a.split()) == len(b.split()) else int(len(b.split()) > len(a.split())))
+                for _, a, b in items]
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 5, 8, 9])
+def test_knockout_finds_the_best_of_a_transitive_judge(n):
+    """With a judge that orders responses consistently, the knockout's champion is the best candidate; it alone
+    survives every round (⌈log2 n⌉), and each round is one batched call across prompts."""
+    from alignkit.bon import knockout
+
+    rng = random.Random(n)
+    candidates = [[" ".join(["w"] * k) for k in rng.sample(range(1, 40), n)] for _ in range(4)]
+    judge = _LongerWins()
+    survived = knockout(judge, ["p"] * 4, candidates)
+    rounds = math.ceil(math.log2(n)) if n > 1 else 0
+    assert judge.calls == rounds
+    for cands, s in zip(candidates, survived):
+        best = max(range(n), key=lambda i: len(cands[i].split()))
+        assert s[best] == rounds and all(v < rounds for i, v in enumerate(s) if i != best)
+
+
+def test_best_of_n_with_a_pairwise_judge(tiny_model_dir, tokenizer):
+    from alignkit.bon import best_of_n
+    from alignkit.data.tokenize import Encoder
+    from alignkit.models.load import load_causal_lm
+
+    model = load_causal_lm(tiny_model_dir)
+    enc = Encoder(tokenizer, 64, 32)
+    prompts = [(p, enc.prompt_ids(p)) for p in ("copy cat ->", "describe the red owl ->")]
+    for r in best_of_n(model, tokenizer, prompts, _LongerWins(), 4, max_new_tokens=8, seed=2):
+        longest = max(len(t.split()) for t in r.candidates)
+        assert len(r.best.split()) == longest and r.best_score == 2

@@ -124,8 +124,10 @@ def best_of_n(model, tokenizer, prompts: list[tuple[object, list[int]]], scorer,
     Generation is batched across prompts (`batch_size` samples per call), and the n samples of a prompt share
     one prefill of it (the rollout engine copies a repeated prompt's KV cache). `scorer` is an
     `alignkit.rewards.Scorer` or anything with its call: (prompts, responses, finished, sampled) → (scores,
-    spread). Each chunk of prompts draws from its own generator seeded by (seed, chunk), so a result does not
-    depend on how many prompts came before it in another run. `progress(k)` is called after k more prompts.
+    spread); or a pairwise judge (an object with `compare_batch` and `can_score` false, see `alignkit.judges`),
+    which picks the best by a knockout (`knockout`). Each chunk of prompts draws from its own generator seeded
+    by (seed, chunk), so a result does not depend on how many prompts came before it in another run.
+    `progress(k)` is called after k more prompts.
     """
     from alignkit.rl.responses import sample_responses
     from alignkit.rl.rollout import generate
@@ -141,8 +143,13 @@ def best_of_n(model, tokenizer, prompts: list[tuple[object, list[int]]], scorer,
         batch = sample_responses(model, tokenizer, part, n, max_new_tokens=max_new_tokens, temperature=temperature,
                                  top_p=top_p, generator=_generator(seed, begin), compute_dtype=compute_dtype,
                                  generate_fn=generate_fn or generate)
-        scores, _ = scorer(batch.prompts, batch.texts, batch.finished, batch.seqs)                  # (len(part)·n,)
-        scores = [float(v) for v in scores]
+        if getattr(scorer, "can_score", True):
+            scores, _ = scorer(batch.prompts, batch.texts, batch.finished, batch.seqs)              # (len(part)·n,)
+            scores = [float(v) for v in scores]
+        else:  # a pairwise judge: rounds survived in a knockout
+            scores = [float(w) for wins in knockout(scorer, [p for p, _ in part],
+                                                        [batch.texts[j * n:(j + 1) * n] for j in range(len(part))])
+                      for w in wins]
         for j, (prompt, _) in enumerate(part):
             rows = slice(j * n, (j + 1) * n)
             results.append(BestOfN(prompt, batch.texts[rows], scores[rows], batch.finished[rows]))
@@ -150,6 +157,27 @@ def best_of_n(model, tokenizer, prompts: list[tuple[object, list[int]]], scorer,
             progress(len(part))
     model.train(was_training)
     return results
+
+
+def knockout(judge, prompts: list, candidates: list[list[str]]) -> list[list[int]]:
+    """The best of each prompt's candidates by a pairwise judge: a single-elimination knockout, each round's
+    matches of every prompt in one `judge.compare_batch` call. Returns the rounds each candidate survived (a
+    bye counts), so the champion alone has the most. A tie or a failed verdict sends the first of the pair
+    through."""
+    survived = [[0] * len(c) for c in candidates]
+    alive = [list(range(len(c))) for c in candidates]
+    while any(len(a) > 1 for a in alive):
+        matches = [(b, a[i], a[i + 1]) for b, a in enumerate(alive) for i in range(0, len(a) - 1, 2)]
+        verdicts = judge.compare_batch([(prompts[b], candidates[b][x], candidates[b][y]) for b, x, y in matches])
+        through: list[list[int]] = [a[-1:] if len(a) % 2 else [] for a in alive]  # the byes
+        for (b, x, y), verdict in zip(matches, verdicts):
+            through[b].insert(len(through[b]) - (len(alive[b]) % 2), y if verdict.winner == 1 else x)
+        for b, a in enumerate(alive):
+            if len(a) > 1:
+                alive[b] = through[b]
+                for i in through[b]:
+                    survived[b][i] += 1
+    return survived
 
 
 def _generator(seed: int, begin: int):
