@@ -276,3 +276,15 @@ def test_openai_judge_counts_failures_and_gives_up_after_retries(fake_server, tm
     assert fake_server.auth[-1] is None  # no key, no header
     dead = build_judge("openai:http://127.0.0.1:9/v1#m", retries=1, backoff=0.01, timeout=2)
     assert dead.compare(PROMPT, "a", "b").failed and dead.requests == 4
+
+
+def test_the_reply_cache_drops_a_torn_last_line(tmp_path):
+    from alignkit.judges.api import ReplyCache
+
+    cache = ReplyCache(tmp_path)
+    cache.put("k1", "[[A]]")
+    with open(tmp_path / "judge-cache.jsonl", "a") as f:
+        f.write('{"key": "k2", "rep')
+    again = ReplyCache(tmp_path)
+    again.put("k3", "[[B]]")
+    assert ReplyCache(tmp_path).replies == {"k1": "[[A]]", "k3": "[[B]]"}

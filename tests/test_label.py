@@ -57,6 +57,20 @@ def test_rule_judge_agrees_with_the_truth_and_its_pairs_train_dpo_and_kto(tmp_pa
     assert (tmp_path / "kto" / "final" / "model.safetensors").exists()
 
 
+def test_a_reward_model_judge_trained_on_similar_data_agrees_with_the_truth(tmp_path, tiny_model_dir):
+    """The issue's bar: an rm: judge trained on similar pairs (160 pairs, 10 steps) labels shuffled held-out pairs
+    with ≥ 90% agreement (measured: 100% of 60)."""
+    from alignkit.train.reward import train_reward
+
+    train = write_jsonl(tmp_path / "train.jsonl", pairwise_rows(160, seed=5))
+    train_reward(RewardConfig(model=tiny_model_dir, data=(str(train),), output_dir=str(tmp_path / "rm"), epochs=1,
+                              batch_size=16, lr=1e-3, lr_schedule="cosine", eval_fraction=0.0))
+    held = write_jsonl(tmp_path / "held.jsonl", shuffled_pairs(60, seed=123))
+    report = run_label(LabelConfig(judge=f"rm:{tmp_path / 'rm' / 'final'}", data=(str(held),),
+                                   output=str(tmp_path / "out.jsonl")))
+    assert report["labelled"] == 60 and report["agreement"] >= 0.9
+
+
 def test_ranked_output_from_scores_and_from_a_round_robin(tmp_path, tiny_model_dir):
     from alignkit.examples import WORDS
     from alignkit.models.tiny import save_tiny_model

@@ -46,7 +46,12 @@ class ReplyCache:
         self.replies: dict[str, str] = {}
         self._lock = threading.Lock()
         if self.path is not None and self.path.exists():
-            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            data = self.path.read_bytes()
+            if data and not data.endswith(b"\n"):  # a torn last line: cut it, or the next reply would join it
+                data = data[:data.rfind(b"\n") + 1]
+                with open(self.path, "r+b") as f:
+                    f.truncate(len(data))
+            for line in data.decode("utf-8", errors="replace").splitlines():
                 try:
                     record = json.loads(line)
                     self.replies[record["key"]] = record["reply"]
