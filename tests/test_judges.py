@@ -288,3 +288,44 @@ def test_the_reply_cache_drops_a_torn_last_line(tmp_path):
     again = ReplyCache(tmp_path)
     again.put("k3", "[[B]]")
     assert ReplyCache(tmp_path).replies == {"k1": "[[A]]", "k3": "[[B]]"}
+
+
+def test_an_lm_judge_fine_tuned_on_verdicts_learns_the_world_without_position_bias(tmp_path):
+    """sft a tiny LM on 2000 judging prompts (a short template, the better answer at a random position, the
+    verdict "[[A]]" or "[[B]]"), then label 100 held-out shuffled pairs with it as an lm: judge. Measured:
+    agreement 100%, position bias 0% (an untrained one: 0% and 100%, every verdict flips)."""
+    import random
+
+    from alignkit.config import LabelConfig, SFTConfig
+    from alignkit.examples import pairwise_rows, write_jsonl
+    from alignkit.judges.label import run_label
+    from alignkit.models.tiny import save_tiny_model
+    from alignkit.train.sft import train_sft
+
+    template = "{principles}{question} A : {answer_a} B : {answer_b}"
+    (tmp_path / "template.txt").write_text(template)
+    save_tiny_model(tmp_path / "base", WORDS + ["A", "B", "C", "[[", "]]", ":"], seed=3)
+    rng = random.Random(0)
+
+    def rows(n, seed, for_sft):
+        out = []
+        for r in pairwise_rows(n, seed=seed):
+            swap = rng.random() < 0.5
+            a, b = (r["rejected"], r["chosen"]) if swap else (r["chosen"], r["rejected"])
+            if for_sft:
+                out.append({"prompt": [{"role": "user", "content": judging_prompt(template, None, r["prompt"], a, b)}],
+                            "completion": [{"role": "assistant", "content": "[[B]]" if swap else "[[A]]"}]})
+            else:
+                out.append({"prompt": r["prompt"], "responses": [a, b], "label": int(swap)})
+        return out
+
+    write_jsonl(tmp_path / "sft.jsonl", rows(2000, 5, True))
+    train_sft(SFTConfig(model=str(tmp_path / "base"), data=(str(tmp_path / "sft.jsonl"),),
+                        output_dir=str(tmp_path / "judge"), epochs=4, batch_size=16, lr=1e-3, lr_schedule="cosine"))
+    write_jsonl(tmp_path / "held.jsonl", rows(100, 123, False))
+    common = dict(judge_template=str(tmp_path / "template.txt"), data=(str(tmp_path / "held.jsonl"),))
+    report = run_label(LabelConfig(judge=f"lm:{tmp_path / 'judge' / 'final'}", output=str(tmp_path / "out.jsonl"),
+                                   **common))
+    assert report["agreement"] >= 0.9 and report["position_bias"] <= 0.1
+    untrained = run_label(LabelConfig(judge=f"lm:{tmp_path / 'base'}", output=str(tmp_path / "raw.jsonl"), **common))
+    assert untrained["agreement"] < 0.5
