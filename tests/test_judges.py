@@ -2,6 +2,7 @@
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -210,7 +211,7 @@ class FakeJudgeServer:
                     server.messages.append(body["messages"])
                     server.auth.append(self.headers.get("Authorization"))
                 if first:
-                    return self._send(429, {"error": {"message": "slow down"}})
+                    return self._send(429, {"error": {"message": "slow down"}}, {"Retry-After": "0.2"})
                 text = body["messages"][-1]["content"]
                 a = text.split("[The Start of Assistant A's Answer]\n")[1].split("\n[The End")[0]
                 b = text.split("[The Start of Assistant B's Answer]\n")[1].split("\n[The End")[0]
@@ -222,9 +223,11 @@ class FakeJudgeServer:
                     reply = "After careful thought: [[B]]"
                 self._send(200, {"choices": [{"message": {"role": "assistant", "content": reply}}]})
 
-            def _send(self, status, payload):
+            def _send(self, status, payload, headers=None):
                 data = json.dumps(payload).encode()
                 self.send_response(status)
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
@@ -254,7 +257,9 @@ def test_openai_judge_over_http_retries_caches_and_keeps_the_key_out(fake_server
     spec = f"openai:{fake_server.url}#judge-model"
     judge = build_judge(spec, cache_dir=tmp_path / "cache", principles=["Prefer detail."], backoff=0.01,
                         concurrency=4)
+    start = time.monotonic()
     verdicts = judge.compare_batch(items)
+    assert time.monotonic() - start >= 0.2  # the retry waited for the server's Retry-After, not the 0.01 s backoff
     assert [v.winner for v in verdicts] == [0, 1, None]
     assert verdicts[2].flipped and judge.stats.position_bias == pytest.approx(1 / 3)
     assert fake_server.requests == 7  # 6 prompts (two orders × three items) + one retried after 429

@@ -109,9 +109,10 @@ class OpenAIJudge(PairwiseJudge):
         import httpx
 
         body = {"model": self.model, "messages": messages, "temperature": 0, "max_tokens": self.max_tokens}
+        asked_wait = 0.0  # a server's Retry-After (seconds, at most a minute) when it gave one
         for attempt in range(self.retries + 1):
             if attempt:
-                time.sleep(self.backoff * 2 ** (attempt - 1))
+                time.sleep(max(self.backoff * 2 ** (attempt - 1), asked_wait))
             with self._count_lock:
                 self.requests += 1
             try:
@@ -119,6 +120,10 @@ class OpenAIJudge(PairwiseJudge):
             except httpx.HTTPError:  # timeouts, refused connections: retried
                 continue
             if response.status_code in self.RETRY_STATUS:
+                try:
+                    asked_wait = min(60.0, max(0.0, float(response.headers.get("retry-after", 0))))
+                except ValueError:  # an HTTP date: keep to the backoff
+                    asked_wait = 0.0
                 continue
             if response.status_code in (401, 403, 404):
                 raise UserError(f"judge {self.url} (model {self.model}) answered {response.status_code}"
