@@ -89,3 +89,15 @@ def test_kl_is_null_across_vocabularies_and_an_lm_judge_asks_both_orders(tmp_pat
                                  data=(prompts_file,), output_dir=str(tmp_path / "x"), max_new_tokens=6,
                                  max_prompts=4))
     assert report["kl"] is None and report["n"] == 4 and report["position_bias"] is not None
+
+
+def test_eval_mistakes_are_one_message(tmp_path, prompts_file, capsys):
+    from alignkit.cli import main
+
+    assert main(["eval", "--judge", RULE, "--data", prompts_file]) == 2
+    assert '"model" and "baseline"' in capsys.readouterr().err
+    assert main(["eval", "--judge", RULE, "--data", prompts_file, "--model", str(tmp_path / "nope"),
+                 "--baseline", str(tmp_path / "nope"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "no such model folder" in capsys.readouterr().err
+    assert main(["eval", "--judge", "nope:x", "--data", prompts_file, "--model", "a", "--baseline", "b"]) == 2
+    assert not (tmp_path / "o").exists()
