@@ -169,3 +169,26 @@ def test_bad_input_is_one_message(tmp_path, harness):
     assert result.returncode == 2 and "--policy" in result.stderr
     with pytest.raises(Exception, match="at least 2"):
         LabelConfig(judge=RULE, data=("x",), output="o", n=1)
+
+
+def test_label_with_an_api_judge_caches_and_never_writes_the_key(tmp_path, monkeypatch):
+    from test_judges import FakeJudgeServer
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-label-secret")
+    server = FakeJudgeServer()  # the longer answer wins; 429 once
+    try:
+        rows = [{"prompt": f"q{i}", "responses": ["kind " * (i % 3 + 1), "rude " * 2], "label": 0} for i in range(6)]
+        data = write_jsonl(tmp_path / "in.jsonl", rows)
+        (tmp_path / "principles.txt").write_text("Prefer longer answers.\n")
+        cfg = dict(judge=f"openai:{server.url}#judge", data=(str(data),), output=str(tmp_path / "out.jsonl"),
+                   principles=str(tmp_path / "principles.txt"))
+        first = run_label(LabelConfig(**cfg))
+        assert first["requests_this_run"] == 13 and server.requests == 13  # 12 prompts, one retried
+        assert first["written"] == 4 and first["skipped_ties"] == 2 and first["agreement"] == pytest.approx(2 / 6)  # longer wins: 2 right, 2 wrong, 2 equal (ties)
+        again = run_label(LabelConfig(**cfg, resume="never"))
+        assert again["requests_this_run"] == 0 and server.requests == 13 and again["agreement"] == first["agreement"]
+    finally:
+        server.close()
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert "sk-label-secret" not in path.read_text(errors="replace"), path
