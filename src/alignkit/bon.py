@@ -207,7 +207,18 @@ def run_bon(cfg) -> dict:
                if getattr(row, "prompt", None)]
     if not prompts:
         raise UserError(f"{cfg.data[0]}: no rows with a prompt")
-    scorer = Scorer(cfg, policy_tokenizer=tokenizer)
+    judge = None
+    if cfg.reward_judge:
+        from alignkit.judges import build_judge
+
+        judge = build_judge(cfg.reward_judge, trust_remote_code=cfg.trust_remote_code, dtype=cfg.dtype)
+    if judge is not None and not judge.can_score:  # a pairwise judge: the knockout decides alone
+        if cfg.reward_models or cfg.reward_model or cfg.reward_fn:
+            raise UserError(f"reward_judge {cfg.reward_judge!r} compares pairs and picks the best by a knockout "
+                            "alone; give it without reward models or reward_fn")
+        scorer = judge
+    else:
+        scorer = Scorer(cfg, policy_tokenizer=tokenizer, judge=judge)
     model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, for_training=False).eval()
     bar = tqdm(total=len(prompts), desc=f"alignkit bon (n={cfg.n})", unit="prompt", disable=None, file=sys.stderr)
     picked = best_of_n(model, tokenizer, prompts, scorer, cfg.n, max_new_tokens=cfg.max_new_tokens,

@@ -14,7 +14,9 @@ import typing
 from alignkit.config import (
     BonConfig,
     DPOConfig,
+    EvalConfig,
     KTOConfig,
+    LabelConfig,
     PPOConfig,
     RewardConfig,
     SFTConfig,
@@ -35,9 +37,18 @@ TRAIN_COMMANDS = {
             "hinge, SimPO, R-DPO) on pairwise data"),
     "kto": (KTOConfig, "alignkit.train.kto:train_kto", "Kahneman-Tversky optimisation on unary or pairwise data"),
     "ppo": (PPOConfig, "alignkit.train.ppo:train_ppo", "online RLHF: PPO, RLOO or GRPO with a KL penalty"),
-    # commands that are not training runs but read their settings the same way (a config class, --help)
+}
+
+# commands that are not training but read their fields the same way
+TOOL_COMMANDS = {
+    "label": (LabelConfig, "alignkit.judges.label:run_label",
+              "RLAIF: a judge labels candidate responses (or ones a --policy generates) into a pairwise or ranked "
+              "dataset"),
+    "eval": (EvalConfig, "alignkit.judges.winrate:run_eval",
+             "win rate of a model against a baseline under a judge, raw and length-controlled"),
     "bon": (BonConfig, "alignkit.bon:run_bon", "Best-of-N: sample n responses per prompt, keep the best by score"),
 }
+CONFIG_COMMANDS = {**TRAIN_COMMANDS, **TOOL_COMMANDS}
 
 
 def _flag(name: str) -> str:
@@ -71,7 +82,7 @@ def _make_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"alignkit {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name, (cls, _, desc) in TRAIN_COMMANDS.items():
+    for name, (cls, _, desc) in CONFIG_COMMANDS.items():
         p = sub.add_parser(name, help=desc, description=f"alignkit {name}: {desc}. {cls.__doc__ or ''}",
                            allow_abbrev=False)
         _add_config_options(p, cls)
@@ -103,7 +114,7 @@ def _make_parser() -> argparse.ArgumentParser:
 
 
 def _run_training(command: str, args: argparse.Namespace, extra: list[str]) -> None:
-    cls, target, _ = TRAIN_COMMANDS[command]
+    cls, target, _ = CONFIG_COMMANDS[command]
     valid = [f.name for f in config_fields(cls)]
     for token in extra:
         if token.startswith("--"):
@@ -141,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        if args.command in TRAIN_COMMANDS:
+        if args.command in CONFIG_COMMANDS:
             _run_training(args.command, args, extra)
         elif extra:
             raise UserError(f"unexpected arguments: {' '.join(extra)}")

@@ -193,6 +193,7 @@ class PPOConfig(TrainConfig):
     reward_models: tuple[str, ...] = option((), "Reward model folder(s); several form an ensemble.")
     reward_model: str = option("", "One reward model folder (same as reward_models with one entry).")
     reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; added to the reward models.")
+    reward_judge: str = option("", "A judge that can score (rm:PATH or python:module:function, SPEC §9) as the reward or added to it (direct RLAIF).")
     gold_fn: str = option("", "A gold reward python:module:function, logged as reward/gold and never trained on (the lab uses it).")
     ensemble: str = option("mean", "How several reward models combine.", ("mean", "min", "uwo"))
     uwo_lambda: float = option(1.0, "λ in uwo = mean − λ·variance across the ensemble.")
@@ -246,8 +247,8 @@ class PPOConfig(TrainConfig):
         if self.algo in ("rloo", "grpo") and self.group_size < 2:
             raise UserError(f'algo "{self.algo}" needs samples_per_prompt of at least 2 (or 0 = 4), '
                             f'got {self.samples_per_prompt}')
-        if not (self.reward_models or self.reward_model or self.reward_fn):
-            raise UserError('give reward_models (or reward_model) and/or reward_fn')
+        if not (self.reward_models or self.reward_model or self.reward_fn or self.reward_judge):
+            raise UserError('give reward_models (or reward_model), reward_fn and/or reward_judge')
         if self.rollout_batch_size * self.group_size % self.num_minibatches:
             raise UserError(f'"num_minibatches" must divide rollout_batch_size × samples_per_prompt '
                             f'({self.rollout_batch_size} × {self.group_size})')
@@ -275,6 +276,7 @@ class BonConfig:
     reward_models: tuple[str, ...] = option((), "Reward model folder(s); several form an ensemble.")
     reward_model: str = option("", "One reward model folder (same as reward_models with one entry).")
     reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; added to the reward models.")
+    reward_judge: str = option("", "A judge (SPEC §9): one that scores (rm:, python:) adds its score; a pairwise one (lm:, openai:) alone picks the best by a knockout.")
     ensemble: str = option("mean", "How several reward models combine.", ("mean", "min", "uwo"))
     uwo_lambda: float = option(1.0, "λ in uwo = mean − λ·variance across the ensemble.")
     max_new_tokens: int = option(64, "Longest response to sample.")
@@ -294,13 +296,94 @@ class BonConfig:
             raise UserError('field "model" is required (a checkpoint folder)')
         if not self.data:
             raise UserError('field "data" is required (one or more prompt files)')
-        if not (self.reward_models or self.reward_model or self.reward_fn):
-            raise UserError('give reward_models (or reward_model) and/or reward_fn')
+        if not (self.reward_models or self.reward_model or self.reward_fn or self.reward_judge):
+            raise UserError('give reward_models (or reward_model), reward_fn and/or reward_judge')
         for name in ("n", "max_new_tokens", "batch_size", "max_prompt_length"):
             if getattr(self, name) < 1:
                 raise UserError(f'field "{name}" must be at least 1, got {getattr(self, name)}')
         if not self.temperature > 0:
             raise UserError(f'field "temperature" must be positive, got {self.temperature}')
+
+
+@dataclass(frozen=True)
+class JudgeFields:
+    """Fields of the commands that use a judge (label, eval); not a training config."""
+
+    judge: str = option("", "The judge (SPEC §9): rm:PATH[,PATH2…][#mean|min|uwo], lm:PATH, openai:URL#MODEL or "
+                        "python:module:function.")
+    principles: str = option("", "A file of principles (one a line) placed in the lm/openai judging prompt.")
+    judge_template: str = option("", "A file that replaces the lm/openai judging prompt; placeholders {question}, "
+                                 "{answer_a}, {answer_b}, {principles}.")
+    cache_dir: str = option("", "Where the openai judge caches its replies; empty = next to the output.")
+    data: tuple[str, ...] = option((), "Input rows: JSONL, JSON, Parquet files or save_to_disk folders.")
+    seed: int = option(0, "Seed for sampling.")
+    batch_size: int = option(16, "Rows (prompts) generated and judged at once.")
+    max_new_tokens: int = option(64, "Longest response to sample.")
+    temperature: float = option(1.0, "Sampling temperature.")
+    top_p: float = option(1.0, "Nucleus sampling threshold.")
+    max_length: int = option(1024, "Longest prompt + response in tokens when generating.")
+    max_prompt_length: int = option(0, "Longest prompt in tokens (longer keep their last tokens); 0 = half of max_length.")
+    dtype: str = option("auto", "Weights of the generating and judging models: auto = float32 on CPU, bfloat16 on GPU.",
+                        ("auto", "float32", "bfloat16"))
+    trust_remote_code: bool = option(False, "Allow model code from checkpoint folders to run (off by default).")
+    num_threads: int = option(0, "CPU threads for torch; 0 = leave torch's default.")
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.judge:
+            raise UserError('field "judge" is required (e.g. python:module:function, rm:PATH, lm:PATH)')
+        if not self.data:
+            raise UserError('field "data" is required (one or more data files)')
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise UserError('fields "batch_size" and "max_new_tokens" must be at least 1')
+        if not self.temperature > 0 or not 0 < self.top_p <= 1:
+            raise UserError('"temperature" must be positive and "top_p" in (0, 1]')
+        if self.max_prompt_length >= self.max_length:
+            raise UserError(f'"max_prompt_length" ({self.max_prompt_length}) must be less than "max_length" '
+                            f'({self.max_length})')
+
+
+@dataclass(frozen=True)
+class LabelConfig(JudgeFields):
+    """`alignkit label`: a judge labels candidate responses (RLAIF) into pairwise rows (two candidates) or ranked
+    rows with scores (more); with `policy`, the candidates are generated. Resumes where it stopped."""
+
+    data: tuple[str, ...] = option((), "Input rows {prompt, responses: [two or more], label?}; with policy, prompts "
+                                   "alone will do.")
+    output: str = option("", "Output JSONL (appended row by row); ties and failures of pairs go to OUTPUT's "
+                         ".skipped.jsonl, the closing report to .report.json.")
+    policy: str = option("", "A model that generates n candidates for rows without responses.")
+    n: int = option(2, "Candidates generated per prompt with policy (2 = pairwise output, more = ranked).")
+    resume: str = option("auto", "auto = skip rows already in the output; never = start the output over.",
+                         ("auto", "never"))
+    on_bad_row: str = option("error", "error = stop at the first bad row; skip = skip bad rows and count them.",
+                             ("error", "skip"))
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.output:
+            raise UserError('field "output" is required (a .jsonl file)')
+        if self.n < 2:
+            raise UserError(f'field "n" must be at least 2 (candidates to compare), got {self.n}')
+
+
+@dataclass(frozen=True)
+class EvalConfig(JudgeFields):
+    """`alignkit eval`: the win rate of a model against a baseline under a judge, raw and length-controlled, with
+    the KL of the model to the baseline where both are local models with one vocabulary."""
+
+    model: str = option("", "The model evaluated (a checkpoint folder).")
+    baseline: str = option("", "The model it is compared with (a checkpoint folder).")
+    data: tuple[str, ...] = option((), "Prompts: rows with a prompt field (other fields are ignored).")
+    output_dir: str = option("runs/eval", "Where eval.json and verdicts.jsonl go.")
+    max_prompts: int = option(0, "Evaluate on the first N prompts; 0 = all.")
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.model or not self.baseline:
+            raise UserError('fields "model" and "baseline" are required (checkpoint folders)')
+        if self.max_prompts < 0:
+            raise UserError(f'field "max_prompts" must be 0 or more, got {self.max_prompts}')
 
 
 # ---------------------------------------------------------------------------------------------------------

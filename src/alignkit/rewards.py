@@ -28,7 +28,8 @@ def load_reward_fn(spec: str):
 
 
 class Scorer:
-    """Scores responses with reward models and/or a rule; reports the ensemble's spread.
+    """Scores responses with reward models, a rule and/or a judge that can score (`reward_judge`, direct
+    RLAIF: rm: or python: judges; see `alignkit.judges`), summed; reports the ensemble's spread.
 
     A reward model that shares the policy's vocabulary scores exactly the sampled tokens (an unfinished
     response has no EOS, as it was sampled); one with another tokenizer scores the text, encoded as it was
@@ -36,7 +37,7 @@ class Scorer:
     plain-text prompts.
     """
 
-    def __init__(self, cfg, paths: list[str] | None = None, use_rule: bool = True, policy_tokenizer=None):
+    def __init__(self, cfg, paths: list[str] | None = None, use_rule: bool = True, policy_tokenizer=None, judge=None):
         if paths is None:
             paths = list(cfg.reward_models) + ([cfg.reward_model] if cfg.reward_model else [])
         self.models = []
@@ -47,6 +48,12 @@ class Scorer:
             self.models.append((model, tok, Encoder(tok, 100_000, 50_000), same))
         self.prefix_sharing = cfg.prefix_sharing
         self.rule = load_reward_fn(cfg.reward_fn) if cfg.reward_fn and use_rule else None
+        self.judge = None
+        if use_rule and (judge is not None or getattr(cfg, "reward_judge", "")):
+            from alignkit.judges import JudgeScorer, build_judge
+
+            self.judge = JudgeScorer(judge or build_judge(cfg.reward_judge, trust_remote_code=cfg.trust_remote_code,
+                                                          dtype=cfg.dtype))
         self.ensemble, self.uwo_lambda = cfg.ensemble, cfg.uwo_lambda
 
     def _sequences(self, enc, same, prompts, responses, finished, sampled):
@@ -87,6 +94,8 @@ class Scorer:
                 total += scores.mean(0) - self.uwo_lambda * scores.var(0)
             else:
                 total += scores.mean(0)
+        if self.judge is not None:
+            total += self.judge(prompts, responses)[0]
         if self.rule is not None:
             texts = [p if isinstance(p, str) else plain_text(p) for p in prompts]
             values = self.rule(texts, responses)
