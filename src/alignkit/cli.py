@@ -16,6 +16,7 @@ from alignkit.config import (
     KTOConfig,
     PPOConfig,
     RewardConfig,
+    ServeConfig,
     SFTConfig,
     _base_type,
     build_config,
@@ -34,6 +35,8 @@ TRAIN_COMMANDS = {
             "hinge, SimPO, R-DPO) on pairwise data"),
     "kto": (KTOConfig, "alignkit.train.kto:train_kto", "Kahneman-Tversky optimisation on unary or pairwise data"),
     "ppo": (PPOConfig, "alignkit.train.ppo:train_ppo", "online RLHF: PPO, RLOO or GRPO with a KL penalty"),
+    "serve": (ServeConfig, "alignkit.serve.app:serve", "OpenAI-compatible HTTP server for a policy, optionally "
+              "Best-of-N; batches concurrent requests"),
 }
 
 

@@ -1,0 +1,211 @@
+"""The generator behind `alignkit serve`: one worker thread owns the model and batches concurrent requests.
+
+Requests (`Job`s) wait on futures. The worker takes the first job in its queue, waits up to `window_s` for
+others (up to `max_batch_size` sequences in all), and generates them together with the rollout engine's
+`generate` — one call per set of sampling settings (temperature, top_p, seed), so 64 clients asking at once
+cost about one batched generation, not 64. A job's `n × best_of` copies of its prompt share one prefill.
+Best-of-N scores a choice's `best_of` candidates with the `Scorer` and keeps the best (`best_of_n_select`).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+
+from alignkit.rl.rollout import generate
+
+
+@dataclass
+class Job:
+    """One prompt of a request: `n` choices, each the best of `best_of` samples."""
+
+    prompt: str | list[dict]    # as the client sent it (text or messages): what a reward sees
+    prompt_ids: list[int]
+    max_tokens: int
+    n: int = 1
+    best_of: int = 1
+    temperature: float = 1.0    # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stream: bool = False        # the worker also cuts each text into per-token pieces
+    future: Future = field(default_factory=Future)
+
+    @property
+    def rows(self) -> int:
+        return self.n * self.best_of
+
+    @property
+    def sampling(self) -> tuple:
+        """Jobs with equal sampling settings are generated in one call."""
+        return (self.temperature, self.top_p, self.seed)
+
+
+@dataclass
+class Choice:
+    text: str
+    completion_tokens: int
+    finish_reason: str                  # "stop" (EOS or a stop string) | "length"
+    ids: list[int] = field(default_factory=list, repr=False)  # the sampled tokens before EOS
+    pieces: list[str] | None = None     # the text cut at token boundaries (streaming)
+    score: float | None = None          # Best-of-N: the kept candidate's score
+    candidate_scores: list[float] | None = None
+
+
+def best_of_n_select(scorer, prompts: list, texts: list[str], finished: list[bool],
+                     best_of: int) -> list[tuple[int, list[float]]]:
+    """Groups of `best_of` consecutive candidates (one prompt each): (index of the best, the group's scores),
+    scored in one `scorer` call. Ties keep the first candidate."""
+    scores = scorer(prompts, texts, finished)[0].tolist()
+    out = []
+    for start in range(0, len(texts), best_of):
+        group = scores[start:start + best_of]
+        best = max(range(len(group)), key=group.__getitem__)
+        out.append((start + best, group))
+    return out
+
+
+class Engine:
+    """Owns the model (and the scorer) on one worker thread; `submit(job)` returns a future of `list[Choice]`."""
+
+    def __init__(self, model, tokenizer, scorer=None, *, window_s: float = 0.01, max_batch_size: int = 64,
+                 seed: int = 0):
+        self.model, self.tokenizer, self.scorer = model.eval(), tokenizer, scorer
+        self.window_s, self.max_batch_size = window_s, max_batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.tokenizer_lock = threading.Lock()  # the app encodes while the worker decodes
+        self.context_length = (getattr(model.config, "max_position_embeddings", None)
+                               or getattr(tokenizer, "model_max_length", None) or 2048)
+        self.batches = 0        # generate calls made (tests and /health read them)
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
+
+    # -- lifecycle ----------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="alignkit-serve-engine", daemon=True)
+            self._thread.start()
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Finish the batch in flight, fail the jobs still queued, stop the worker."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join(timeout)
+            self._thread = None
+
+    def submit(self, job: Job) -> Future:
+        if self._thread is None:
+            raise RuntimeError("the engine is not running")
+        self._queue.put(job)
+        return job.future
+
+    # -- the worker ---------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        held: deque[Job] = deque()  # a job that did not fit the last batch goes first in the next
+        stopping = False
+        while not stopping:
+            job = held.popleft() if held else self._queue.get()
+            if job is None:
+                break
+            batch, rows = [job], job.rows
+            deadline = time.monotonic() + self.window_s
+            while rows < self.max_batch_size:
+                try:
+                    more = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+                except queue.Empty:
+                    break
+                if more is None:
+                    stopping = True
+                    break
+                if rows + more.rows > self.max_batch_size:
+                    held.append(more)
+                    break
+                batch.append(more)
+                rows += more.rows
+            self._run(batch)
+        while not self._queue.empty():  # shutting down: nobody will generate what is left
+            held.append(self._queue.get_nowait())
+        for job in held:
+            if job is not None and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RuntimeError("the server is shutting down"))
+
+    def _run(self, batch: list[Job]) -> None:
+        groups: dict[tuple, list[Job]] = {}
+        for job in batch:
+            groups.setdefault(job.sampling, []).append(job)
+        for jobs in groups.values():
+            jobs = [job for job in jobs if job.future.set_running_or_notify_cancel()]  # drop cancelled ones
+            if not jobs:
+                continue
+            try:
+                results = self._generate(jobs)
+            except Exception as e:  # a failed batch fails its requests, not the server
+                for job in jobs:
+                    job.future.set_exception(e)
+                continue
+            for job, choices in zip(jobs, results):
+                job.future.set_result(choices)
+
+    def _generate(self, jobs: list[Job]) -> list[list[Choice]]:
+        temperature, top_p, seed = jobs[0].sampling
+        generator = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+        prompts = [job.prompt_ids for job in jobs for _ in range(job.rows)]
+        # temperature 0: generate divides the logits by 1e-6, which makes sampling the argmax (greedy)
+        out = generate(self.model, prompts, pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
+                       max_new_tokens=max(job.max_tokens for job in jobs), temperature=temperature, top_p=top_p,
+                       generator=generator)
+        self.batches += 1
+        sampled = out.response_ids.tolist()                                   # (rows, R)
+        candidates, row = [], 0
+        with self.tokenizer_lock:
+            for job in jobs:
+                candidates.append([self._choice(job, sampled[row + i]) for i in range(job.rows)])
+                row += job.rows
+        results = []
+        for job, cands in zip(jobs, candidates):
+            if job.best_of == 1:
+                results.append(cands)
+                continue
+            picks = best_of_n_select(self.scorer, [job.prompt] * len(cands), [c.text for c in cands],
+                                     [c.finish_reason == "stop" for c in cands], job.best_of)
+            chosen = []
+            for index, scores in picks:
+                cands[index].score, cands[index].candidate_scores = scores[index % job.best_of], scores
+                chosen.append(cands[index])
+            results.append(chosen)
+        if any(job.stream for job in jobs):
+            with self.tokenizer_lock:
+                for job, choices in zip(jobs, results):
+                    for c in choices if job.stream else ():
+                        c.pieces = self._pieces(c)
+        return results
+
+    def _choice(self, job: Job, ids: list[int]) -> Choice:
+        ids = ids[:job.max_tokens]
+        eos = self.tokenizer.eos_token_id
+        finish = "length"
+        if eos in ids:
+            ids, finish = ids[:ids.index(eos)], "stop"
+        text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            text, finish = text[:cut], "stop"
+        return Choice(text, len(ids), finish, ids)
+
+    def _pieces(self, choice: Choice) -> list[str]:
+        """The text in per-token pieces (what a stream sends): each piece is what one more token adds."""
+        pieces, done = [], ""
+        for k in range(1, len(choice.ids) + 1):
+            upto = self.tokenizer.decode(choice.ids[:k], skip_special_tokens=True)[:len(choice.text)]
+            if len(upto) > len(done) and upto.startswith(done):
+                pieces.append(upto[len(done):])
+                done = upto
+        if done != choice.text:  # a decoder that rewrites earlier text: send the rest at once
+            pieces.append(choice.text[len(done):] if choice.text.startswith(done) else choice.text)
+        return pieces
