@@ -21,6 +21,7 @@ from alignkit.config import ServeConfig  # noqa: E402
 from alignkit.examples import good_word_share  # noqa: E402
 from alignkit.serve.app import Server, bind, build_app, load_engine  # noqa: E402
 from alignkit.serve.engine import best_of_n_select  # noqa: E402
+from conftest import Harness  # noqa: E402
 
 KEY = "test-key-123"
 PROMPT = [{"role": "user", "content": "describe the red cat ->"}]
@@ -54,7 +55,7 @@ def served(tiny_model_dir):
     running = ThreadedServer(Server(load_engine(cfg), cfg, api_key=KEY))
     yield running
     running.stop()
-    assert running.server.engine._thread is None  # the lifespan stopped the worker
+    assert not running.server.engine.running  # the lifespan stopped the worker
 
 
 @pytest.fixture(scope="module")
@@ -174,9 +175,44 @@ def test_limits(served, client):
     assert_error(httpx.get(served.url + "/v1/nothing", headers={"Authorization": f"Bearer {KEY}"}), 404)
 
 
-def test_64_concurrent_clients_are_batched(client, served):
+@pytest.fixture(scope="module")
+def command(tiny_model_dir):
+    """`alignkit serve --reward-fn … --n 8` in a subprocess (its own interpreter, as in production):
+    (process, base URL). The last test sends it SIGTERM."""
+    proc = subprocess.Popen(Harness.command(["serve", "--model", tiny_model_dir, "--port", "0", "--n", "8",
+                                                   "--reward-fn", "python:alignkit.examples:good_word_share"]),
+                            env=Harness.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()
+    match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
+    if not match:
+        proc.kill()
+        pytest.fail(f"alignkit serve did not start: {line}{proc.stderr.read()}")
+    yield proc, match.group(0)
+    if proc.poll() is None:
+        proc.kill()
+        proc.wait()
+
+
+def test_best_of_n(command):
+    """Each choice is the best of 8 samples under the rule; the response says so."""
+    client = openai.OpenAI(base_url=command[1], api_key="none", max_retries=0, timeout=60)
+    reply = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=6, n=2, temperature=1.0)
+    assert len(reply.choices) == 2
+    for choice in reply.choices:
+        info = choice.model_extra["alignkit"]
+        assert info["best_of"] == 8 and len(info["candidate_scores"]) == 8
+        assert info["score"] == max(info["candidate_scores"])
+        assert good_word_share([""], [choice.message.content])[0] == pytest.approx(info["score"])
+    plain = client.completions.create(model="tiny", prompt="copy red cat ->", max_tokens=3, extra_body={"best_of": 1})
+    assert "alignkit" not in (plain.choices[0].model_extra or {})
+
+
+def test_64_concurrent_clients_are_batched(command):
     """64 clients at once: no error, and far less than 64 times one request's wall time."""
-    ask = lambda _: client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=16, temperature=0)
+    url = command[1]
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    ask = lambda _: client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=16, temperature=0,
+                                                   extra_body={"best_of": 1})
     ask(0)  # warm-up
     singles = []
     for _ in range(3):
@@ -184,13 +220,14 @@ def test_64_concurrent_clients_are_batched(client, served):
         ask(0)
         singles.append(time.perf_counter() - start)
     one = statistics.median(singles)
-    batches_before = served.server.engine.batches
+    health = url.removesuffix("/v1") + "/health"
+    batches_before = httpx.get(health).json()["batches"]
     with ThreadPoolExecutor(64) as pool:
         start = time.perf_counter()
         replies = list(pool.map(ask, range(64)))
         wall = time.perf_counter() - start
     assert len(replies) == 64 and len({r.choices[0].message.content for r in replies}) == 1
-    batches = served.server.engine.batches - batches_before
+    batches = httpx.get(health).json()["batches"] - batches_before
     ratio = wall / one
     print(f"\none request {one * 1000:.0f} ms; 64 concurrent {wall * 1000:.0f} ms = {ratio:.1f}x one "
           f"(in {batches} generate calls)")
@@ -198,36 +235,17 @@ def test_64_concurrent_clients_are_batched(client, served):
     assert ratio < 16
 
 
-def test_best_of_n_command_and_sigterm(tiny_model_dir, harness):
-    """`alignkit serve --reward-fn … --n 8` as a subprocess: each choice is the best of 8 by the rule;
-    SIGTERM stops it cleanly."""
-    proc = subprocess.Popen(harness.command(["serve", "--model", tiny_model_dir, "--port", "0", "--n", "8",
-                                             "--reward-fn", "python:alignkit.examples:good_word_share"]),
-                            env=harness.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+def test_sigterm_stops_the_server_cleanly(command):
+    proc = command[0]
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
     try:
-        line = proc.stdout.readline()
-        match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-        assert match, line + proc.stderr.read() if proc.poll() is not None else line
-        client = openai.OpenAI(base_url=match.group(0), api_key="none", max_retries=0, timeout=60)
-        reply = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=6, n=2, temperature=1.0)
-        for choice in reply.choices:
-            info = choice.model_extra["alignkit"]
-            assert info["best_of"] == 8 and len(info["candidate_scores"]) == 8
-            assert info["score"] == max(info["candidate_scores"])
-            assert good_word_share([""], [choice.message.content])[0] == pytest.approx(info["score"])
-        plain = client.completions.create(model="tiny", prompt="copy red cat ->", max_tokens=3,
-                                          extra_body={"best_of": 1})
-        assert "alignkit" not in (plain.choices[0].model_extra or {})
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            raise
-    out = proc.stdout.read()
+        rc = proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
     assert rc == 0, proc.stderr.read()
-    assert "stopped" in out
+    assert "generator stopped" in proc.stdout.read()
 
 
 def test_best_of_n_select_keeps_the_top_score():

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from alignkit.config import ServeConfig
 from alignkit.data.tokenize import Encoder
-from alignkit.serve.engine import Choice, Engine, Job
+from alignkit.serve.engine import Choice, Engine, EngineStopped, Job
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -210,7 +210,7 @@ class Server:
         try:
             futures = [asyncio.wrap_future(self.engine.submit(job)) for job in jobs]
             return list(await asyncio.gather(*futures))
-        except RuntimeError as e:
+        except EngineStopped as e:
             raise RequestError(str(e), None, "unavailable", status=503, kind="server_error") from None
 
     def usage(self, jobs: list[Job], results: list[list[Choice]]) -> dict:
@@ -399,4 +399,5 @@ def serve(cfg: ServeConfig) -> None:
     signal.signal(signal.SIGTERM, lambda *_: None)
     config = uvicorn.Config(build_app(server), log_level="warning", timeout_graceful_shutdown=10)
     uvicorn.Server(config).run(sockets=[sock])
-    print("alignkit serve: stopped", flush=True)
+    state = "still running" if server.engine.running else "stopped"
+    print(f"alignkit serve: stopped; generator {state} after {server.engine.batches} batched generations", flush=True)

@@ -21,6 +21,10 @@ import torch
 from alignkit.rl.rollout import generate
 
 
+class EngineStopped(RuntimeError):
+    """The engine is not running (not started yet, or shutting down): the request was not generated."""
+
+
 @dataclass
 class Job:
     """One prompt of a request: `n` choices, each the best of `best_of` samples."""
@@ -43,8 +47,8 @@ class Job:
 
     @property
     def sampling(self) -> tuple:
-        """Jobs with equal sampling settings are generated in one call."""
-        return (self.temperature, self.top_p, self.seed)
+        """Jobs with equal sampling settings are generated in one call (greedy ones whatever their top_p and seed)."""
+        return (0.0, 1.0, None) if self.temperature == 0 else (self.temperature, self.top_p, self.seed)
 
 
 @dataclass
@@ -99,9 +103,13 @@ class Engine:
             self._thread.join(timeout)
             self._thread = None
 
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
     def submit(self, job: Job) -> Future:
         if self._thread is None:
-            raise RuntimeError("the engine is not running")
+            raise EngineStopped("the server is not running")
         self._queue.put(job)
         return job.future
 
@@ -133,7 +141,7 @@ class Engine:
             held.append(self._queue.get_nowait())
         for job in held:
             if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(RuntimeError("the server is shutting down"))
+                job.future.set_exception(EngineStopped("the server is shutting down"))
 
     def _run(self, batch: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = {}
