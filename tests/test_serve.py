@@ -113,6 +113,48 @@ def test_streaming_chat(client):
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
     assert finishes[-1] == plain.choices[0].finish_reason and not any(finishes[:-1])
     assert chunks[-1].usage.completion_tokens == plain.usage.completion_tokens
+    two = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=8, temperature=0, stream=True, n=2)
+    texts = ["", ""]
+    for chunk in two:
+        for c in chunk.choices:
+            texts[c.index] += c.delta.content or ""
+    assert texts == [plain.choices[0].message.content] * 2
+    words = plain.choices[0].message.content.split()
+    if len(words) >= 3:  # a stop string: the stream holds back what could be its start, then cuts there
+        stop = " " + " ".join(words[1:3])
+        cut = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=8, temperature=0, stop=stop,
+                                             stream=True)
+        pieces = [c.choices[0] for c in cut if c.choices]
+        assert "".join(p.delta.content or "" for p in pieces) == words[0]
+        assert pieces[-1].finish_reason == "stop"
+
+
+def test_stream_pieces_arrive_while_sampling(served, monkeypatch):
+    """A streamed choice's pieces reach the request during the generate call, not after it."""
+    from alignkit.serve import engine as engine_module
+    from alignkit.serve.engine import Job
+
+    state = {"generating": False}
+    real = engine_module.generate
+
+    def watched(*args, **kwargs):
+        state["generating"] = True
+        try:
+            return real(*args, **kwargs)
+        finally:
+            state["generating"] = False
+
+    monkeypatch.setattr(engine_module, "generate", watched)
+    engine = served.server.engine
+    pieces = []
+    ids = served.server.encoder.prompt_ids(PROMPT)
+    job = Job(PROMPT, ids, max_tokens=8, temperature=0,
+              on_piece=lambda i, text: pieces.append((i, text, state["generating"])))
+    choices = engine.submit(job).result(timeout=60)
+    assert pieces[-1][0] is None  # the end of the job comes last
+    assert "".join(text for i, text, _ in pieces[:-1]) == choices[0].text
+    during = [text for i, text, generating in pieces if generating]
+    assert len(during) >= min(2, len(choices[0].text.split()) - 1)
 
 
 def test_completions(client):
@@ -203,6 +245,11 @@ def test_best_of_n(command):
         assert info["best_of"] == 8 and len(info["candidate_scores"]) == 8
         assert info["score"] == max(info["candidate_scores"])
         assert good_word_share([""], [choice.message.content])[0] == pytest.approx(info["score"])
+    stream = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=6, stream=True)
+    chunks = [c.choices[0] for c in stream if c.choices]
+    text = "".join(c.delta.content or "" for c in chunks)
+    info = chunks[-1].model_extra["alignkit"]  # on the choice's last chunk
+    assert good_word_share([""], [text])[0] == pytest.approx(info["score"]) == max(info["candidate_scores"])
     plain = client.completions.create(model="tiny", prompt="copy red cat ->", max_tokens=3, extra_body={"best_of": 1})
     assert "alignkit" not in (plain.choices[0].model_extra or {})
 

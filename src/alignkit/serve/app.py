@@ -11,6 +11,7 @@ comparison); /health does not. The key is never printed or logged.
 
 
 import asyncio
+import functools
 import hmac
 import json
 import math
@@ -185,7 +186,6 @@ class Server:
         top_p = _number(body, "top_p", 1.0, 0.0, 1.0, low_open=True)
         seed = _integer(body, "seed", None, -(2**63), 2**63 - 1)
         stop = _stop(body)
-        stream = _boolean(body, "stream")
         asked = body.get("max_completion_tokens", body.get("max_tokens"))
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _integer({name: asked}, name, None, 1, cfg.max_tokens)
@@ -203,20 +203,52 @@ class Server:
                 raise RequestError(f"the prompt ({len(prompt_ids)} tokens) plus max_tokens ({max_tokens}) exceed "
                                    f"the model's context of {context} tokens", name, "context_length_exceeded")
             jobs.append(Job(prompt, prompt_ids, max_tokens or min(cfg.max_tokens, room), n, best_of,
-                            temperature, top_p, seed, stop, stream))
+                            temperature, top_p, seed, stop))
         return jobs
 
-    async def run(self, jobs: list[Job]) -> list[list[Choice]]:
+    def submit(self, jobs: list[Job], stream: bool = False) -> tuple[list, asyncio.Queue | None]:
+        """Queue the jobs: (their asyncio futures, and for a stream a queue of (choice index, text) pieces with
+        one None per finished job; choice indices count across the jobs, prompt-major)."""
+        loop = asyncio.get_running_loop()
+        pieces: asyncio.Queue | None = asyncio.Queue() if stream else None
+        futures, offset = [], 0
         try:
-            futures = [asyncio.wrap_future(self.engine.submit(job)) for job in jobs]
+            for job in jobs:
+                if pieces is not None:
+                    job.on_piece = functools.partial(_put_piece, loop, pieces, offset)
+                offset += job.n
+                futures.append(asyncio.wrap_future(self.engine.submit(job)))
+        except EngineStopped as e:
+            raise RequestError(str(e), None, "unavailable", status=503, kind="server_error") from None
+        return futures, pieces
+
+    @staticmethod
+    async def results(futures: list) -> list[list[Choice]]:
+        try:
             return list(await asyncio.gather(*futures))
         except EngineStopped as e:
             raise RequestError(str(e), None, "unavailable", status=503, kind="server_error") from None
+
+    @staticmethod
+    async def pieces(jobs: list[Job], queue: asyncio.Queue):
+        """(choice index, text) as the worker samples them, until every job is done."""
+        remaining = len(jobs)
+        while remaining:
+            item = await queue.get()
+            if item is None:
+                remaining -= 1
+            else:
+                yield item
 
     def usage(self, jobs: list[Job], results: list[list[Choice]]) -> dict:
         prompt = sum(len(job.prompt_ids) for job in jobs)
         completion = sum(c.completion_tokens for choices in results for c in choices)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _put_piece(loop, queue: asyncio.Queue, offset: int, index: int | None, text: str) -> None:
+    """Called on the worker thread: hand a piece (or a job's end, None) to the request's event loop."""
+    loop.call_soon_threadsafe(queue.put_nowait, None if index is None else (offset + index, text))
 
 
 def _alignkit_field(job: Job, choice: Choice) -> dict | None:
@@ -284,33 +316,40 @@ def build_app(server: Server):
         body = await server.read_json(request)
         _unsupported(body, ("logprobs", "tools", "functions"))
         jobs = server.jobs(body, [_messages(body)], "messages")
-        results = await server.run(jobs)
-        job, choices = jobs[0], results[0]
+        stream = _boolean(body, "stream")
+        futures, pieces = server.submit(jobs, stream)
+        job = jobs[0]
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
-        usage = server.usage(jobs, results)
-        if not job.stream:
+        if not stream:
+            choices = (await server.results(futures))[0]
             out = [{"index": i, "message": {"role": "assistant", "content": c.text}, "finish_reason": c.finish_reason,
                     "logprobs": None} for i, c in enumerate(choices)]
             for entry, c in zip(out, choices):
                 if (extra := _alignkit_field(job, c)) is not None:
                     entry["alignkit"] = extra
-            return {**base, "object": "chat.completion", "choices": out, "usage": usage}
+            return {**base, "object": "chat.completion", "choices": out, "usage": server.usage(jobs, [choices])}
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
 
-        def events():
+        async def events():
             chunk = {**base, "object": "chat.completion.chunk"}
-            for i, c in enumerate(choices):
+            for i in range(job.n):
                 yield _sse({**chunk, "choices": [{"index": i, "delta": {"role": "assistant", "content": ""},
                                                   "finish_reason": None, "logprobs": None}]})
-                for piece in c.pieces or ():
-                    yield _sse({**chunk, "choices": [{"index": i, "delta": {"content": piece},
-                                                      "finish_reason": None, "logprobs": None}]})
+            async for i, piece in server.pieces(jobs, pieces):
+                yield _sse({**chunk, "choices": [{"index": i, "delta": {"content": piece}, "finish_reason": None,
+                                                  "logprobs": None}]})
+            try:
+                results = await server.results(futures)
+            except Exception as e:  # the status line is sent: the error goes in the stream, as OpenAI does
+                yield _sse(error_body(getattr(e, "message", f"internal error: {type(e).__name__}"), "server_error"))
+                return
+            for i, c in enumerate(results[0]):
                 last = {"index": i, "delta": {}, "finish_reason": c.finish_reason, "logprobs": None}
                 if (extra := _alignkit_field(job, c)) is not None:
                     last["alignkit"] = extra
                 yield _sse({**chunk, "choices": [last]})
             if include_usage:
-                yield _sse({**chunk, "choices": [], "usage": usage})
+                yield _sse({**chunk, "choices": [], "usage": server.usage(jobs, results)})
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
@@ -321,31 +360,37 @@ def build_app(server: Server):
         body = await server.read_json(request)
         _unsupported(body, ("logprobs", "echo", "suffix"))
         jobs = server.jobs(body, _prompts(body), "prompt")
-        results = await server.run(jobs)
+        stream = _boolean(body, "stream")
+        futures, pieces = server.submit(jobs, stream)
         base = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": server.model_name}
-        usage = server.usage(jobs, results)
-        flat = [(job, c) for job, choices in zip(jobs, results) for c in choices]  # prompt-major, as OpenAI
-        if not jobs[0].stream:
+
+        def finals(results):  # prompt-major, as OpenAI: prompt 0's n choices, then prompt 1's
             out = []
-            for i, (job, c) in enumerate(flat):
-                out.append({"index": i, "text": c.text, "finish_reason": c.finish_reason, "logprobs": None})
-                if (extra := _alignkit_field(job, c)) is not None:
-                    out[-1]["alignkit"] = extra
-            return {**base, "choices": out, "usage": usage}
+            for job, choices in zip(jobs, results):
+                for c in choices:
+                    out.append({"index": len(out), "text": c.text, "finish_reason": c.finish_reason, "logprobs": None})
+                    if (extra := _alignkit_field(job, c)) is not None:
+                        out[-1]["alignkit"] = extra
+            return out
+
+        if not stream:
+            results = await server.results(futures)
+            return {**base, "choices": finals(results), "usage": server.usage(jobs, results)}
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage")
 
-        def events():
-            for i, (job, c) in enumerate(flat):
-                for piece in c.pieces or ():
-                    yield _sse({**base, "choices": [{"index": i, "text": piece, "finish_reason": None,
-                                                     "logprobs": None}]})
-                last = {"index": i, "text": "", "finish_reason": c.finish_reason, "logprobs": None}
-                if (extra := _alignkit_field(job, c)) is not None:
-                    last["alignkit"] = extra
-                yield _sse({**base, "choices": [last]})
+        async def events():
+            async for i, piece in server.pieces(jobs, pieces):
+                yield _sse({**base, "choices": [{"index": i, "text": piece, "finish_reason": None, "logprobs": None}]})
+            try:
+                results = await server.results(futures)
+            except Exception as e:
+                yield _sse(error_body(getattr(e, "message", f"internal error: {type(e).__name__}"), "server_error"))
+                return
+            for last in finals(results):
+                yield _sse({**base, "choices": [{**last, "text": ""}]})
             if include_usage:
-                yield _sse({**base, "choices": [], "usage": usage})
+                yield _sse({**base, "choices": [], "usage": server.usage(jobs, results)})
             yield _sse("[DONE]")
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -13,6 +13,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -38,7 +39,9 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
-    stream: bool = False        # the worker also cuts each text into per-token pieces
+    # streaming: on_piece(choice, text) gets each choice's text as it is sampled, then (None, "") once the
+    # future is done; called on the worker thread
+    on_piece: Callable[[int | None, str], None] | None = None
     future: Future = field(default_factory=Future)
 
     @property
@@ -57,7 +60,6 @@ class Choice:
     completion_tokens: int
     finish_reason: str                  # "stop" (EOS or a stop string) | "length"
     ids: list[int] = field(default_factory=list, repr=False)  # the sampled tokens before EOS
-    pieces: list[str] | None = None     # the text cut at token boundaries (streaming)
     score: float | None = None          # Best-of-N: the kept candidate's score
     candidate_scores: list[float] | None = None
 
@@ -141,7 +143,7 @@ class Engine:
             held.append(self._queue.get_nowait())
         for job in held:
             if job is not None and job.future.set_running_or_notify_cancel():
-                job.future.set_exception(EngineStopped("the server is shutting down"))
+                _settle(job, error=EngineStopped("the server is shutting down"))
 
     def _run(self, batch: list[Job]) -> None:
         groups: dict[tuple, list[Job]] = {}
@@ -155,19 +157,20 @@ class Engine:
                 results = self._generate(jobs)
             except Exception as e:  # a failed batch fails its requests, not the server
                 for job in jobs:
-                    job.future.set_exception(e)
+                    _settle(job, error=e)
                 continue
             for job, choices in zip(jobs, results):
-                job.future.set_result(choices)
+                _settle(job, choices)
 
     def _generate(self, jobs: list[Job]) -> list[list[Choice]]:
         temperature, top_p, seed = jobs[0].sampling
         generator = torch.Generator().manual_seed(seed) if seed is not None else self.generator
         prompts = [job.prompt_ids for job in jobs for _ in range(job.rows)]
+        streamer = _Streamer(self, jobs)
         # temperature 0: generate divides the logits by 1e-6, which makes sampling the argmax (greedy)
         out = generate(self.model, prompts, pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
                        max_new_tokens=max(job.max_tokens for job in jobs), temperature=temperature, top_p=top_p,
-                       generator=generator)
+                       generator=generator, on_step=streamer.step if streamer.rows else None)
         self.batches += 1
         sampled = out.response_ids.tolist()                                   # (rows, R)
         candidates, row = [], 0
@@ -187,11 +190,7 @@ class Engine:
                 cands[index].score, cands[index].candidate_scores = scores[index % job.best_of], scores
                 chosen.append(cands[index])
             results.append(chosen)
-        if any(job.stream for job in jobs):
-            with self.tokenizer_lock:
-                for job, choices in zip(jobs, results):
-                    for c in choices if job.stream else ():
-                        c.pieces = self._pieces(c)
+        streamer.finish(jobs, results)
         return results
 
     def _choice(self, job: Job, ids: list[int]) -> Choice:
@@ -206,14 +205,79 @@ class Engine:
             text, finish = text[:cut], "stop"
         return Choice(text, len(ids), finish, ids)
 
-    def _pieces(self, choice: Choice) -> list[str]:
-        """The text in per-token pieces (what a stream sends): each piece is what one more token adds."""
-        pieces, done = [], ""
-        for k in range(1, len(choice.ids) + 1):
-            upto = self.tokenizer.decode(choice.ids[:k], skip_special_tokens=True)[:len(choice.text)]
-            if len(upto) > len(done) and upto.startswith(done):
-                pieces.append(upto[len(done):])
-                done = upto
-        if done != choice.text:  # a decoder that rewrites earlier text: send the rest at once
-            pieces.append(choice.text[len(done):] if choice.text.startswith(done) else choice.text)
-        return pieces
+
+def _settle(job: Job, choices: list[Choice] | None = None, error: Exception | None = None) -> None:
+    if error is not None:
+        job.future.set_exception(error)
+    else:
+        job.future.set_result(choices)
+    if job.on_piece is not None:
+        job.on_piece(None, "")
+
+
+class _Streamer:
+    """Sends the text of streaming jobs as it is sampled: after each step, what the new token adds to a
+    choice (`job.on_piece(choice, text)`), holding back what could still turn out to be the start of a stop
+    string or an incomplete character. A Best-of-N choice is known only once its candidates are scored: its
+    text goes out at the end, in per-token pieces."""
+
+    def __init__(self, engine: Engine, jobs: list[Job]):
+        self.engine = engine
+        self.rows: list[tuple[Job, int, int]] = []  # (job, choice, row in the batch) of live-streamed choices
+        row = 0
+        for job in jobs:
+            if job.on_piece is not None and job.best_of == 1:
+                self.rows += [(job, c, row + c) for c in range(job.n)]
+            row += job.rows
+        self.ids: dict[int, list[int]] = {r: [] for _, _, r in self.rows}
+        self.sent: dict[int, str] = {r: "" for _, _, r in self.rows}
+        self.done: set[int] = set()
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.engine.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def step(self, token: torch.Tensor) -> None:
+        tokens = token.tolist()                                                # (B,)
+        eos = self.engine.tokenizer.eos_token_id
+        with self.engine.tokenizer_lock:
+            for job, c, r in self.rows:
+                if r in self.done:
+                    continue
+                if tokens[r] == eos or len(self.ids[r]) >= job.max_tokens:
+                    self.done.add(r)
+                    continue
+                self.ids[r].append(tokens[r])
+                text = self._decode(self.ids[r])
+                cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+                if cut >= 0:
+                    text = text[:cut]
+                    self.done.add(r)
+                else:
+                    text = text[:len(text) - max((len(s) for s in job.stop), default=1) + 1].rstrip("\ufffd")
+                self._send(job, c, r, text)
+
+    def _send(self, job: Job, c: int, r: int, text: str) -> None:
+        sent = self.sent[r]
+        if len(text) > len(sent) and text.startswith(sent):  # a decoder that rewrites earlier text waits
+            job.on_piece(c, text[len(sent):])
+            self.sent[r] = text
+
+    def finish(self, jobs: list[Job], results: list[list[Choice]]) -> None:
+        """The rest of every streaming choice's text (all of it for Best-of-N choices)."""
+        with self.engine.tokenizer_lock:
+            row = 0
+            for job, choices in zip(jobs, results):
+                if job.on_piece is None:
+                    pass
+                elif job.best_of == 1:
+                    for c, choice in enumerate(choices):
+                        self._send(job, c, row + c, choice.text)
+                else:
+                    for c, choice in enumerate(choices):
+                        done = ""
+                        for k in range(1, len(choice.ids) + 1):
+                            upto = self._decode(choice.ids[:k])[:len(choice.text)]
+                            if len(upto) > len(done) and upto.startswith(done):
+                                job.on_piece(c, upto[len(done):])
+                                done = upto
+                row += job.rows
