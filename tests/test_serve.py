@@ -301,6 +301,24 @@ def test_best_of_n_select_keeps_the_top_score():
     assert picks == [(1, [1.0, 3.0, 2.0]), (3, [2.0, 1.0, 2.0])]  # a tie keeps the first
 
 
+def test_best_of_n_with_a_reward_model(tiny_model_dir):
+    """The Scorer's reward-model path on the worker thread: a causal LM loaded as a reward model gets a zero
+    head, so every candidate scores 0 and the first one is kept."""
+    from alignkit.serve.engine import Job
+
+    cfg = ServeConfig(model=tiny_model_dir, reward_models=(tiny_model_dir,), n=4)
+    engine = load_engine(cfg)
+    engine.start()
+    try:
+        ids = Server(engine, cfg).encoder.prompt_ids(PROMPT)
+        choices = engine.submit(Job(PROMPT, ids, max_tokens=4, n=2, best_of=4)).result(timeout=60)
+    finally:
+        engine.close()
+    assert len(choices) == 2
+    for choice in choices:
+        assert choice.candidate_scores == [0.0] * 4 and choice.score == 0.0
+
+
 def test_serve_config_errors():
     from alignkit.cli import main
 

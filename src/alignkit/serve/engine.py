@@ -64,6 +64,11 @@ class Choice:
     candidate_scores: list[float] | None = None
 
 
+def stop_index(text: str, stops: tuple[str, ...]) -> int:
+    """Where the first stop string starts in `text`, or -1."""
+    return min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+
+
 def best_of_n_select(scorer, prompts: list, texts: list[str], finished: list[bool],
                      best_of: int) -> list[tuple[int, list[float]]]:
     """Groups of `best_of` consecutive candidates (one prompt each): (index of the best, the group's scores),
@@ -200,7 +205,7 @@ class Engine:
         if eos in ids:
             ids, finish = ids[:ids.index(eos)], "stop"
         text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+        cut = stop_index(text, job.stop)
         if cut >= 0:
             text, finish = text[:cut], "stop"
         return Choice(text, len(ids), finish, ids)
@@ -248,7 +253,7 @@ class _Streamer:
                     continue
                 self.ids[r].append(tokens[r])
                 text = self._decode(self.ids[r])
-                cut = min((i for i in (text.find(s) for s in job.stop) if i >= 0), default=-1)
+                cut = stop_index(text, job.stop)
                 if cut >= 0:
                     text = text[:cut]
                     self.done.add(r)
