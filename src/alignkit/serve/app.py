@@ -195,6 +195,8 @@ class Server:
             ids = [self.encoder.prompt_ids(p) for p in prompts]
         jobs = []
         for prompt, prompt_ids in zip(prompts, ids):
+            if not prompt_ids:
+                raise RequestError("the prompt is empty (no tokens)", param, "invalid_value")
             if len(prompt_ids) > prompt_limit:
                 raise RequestError(f"the prompt is {len(prompt_ids)} tokens, over the limit of {prompt_limit}",
                                    param, "context_length_exceeded")
@@ -248,7 +250,10 @@ class Server:
 
 def _put_piece(loop, queue: asyncio.Queue, offset: int, index: int | None, text: str) -> None:
     """Called on the worker thread: hand a piece (or a job's end, None) to the request's event loop."""
-    loop.call_soon_threadsafe(queue.put_nowait, None if index is None else (offset + index, text))
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, None if index is None else (offset + index, text))
+    except RuntimeError:  # the loop has closed (shutdown): nobody is listening, and the batch goes on
+        pass
 
 
 def _alignkit_field(job: Job, choice: Choice) -> dict | None:
