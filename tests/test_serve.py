@@ -245,6 +245,12 @@ def test_best_of_n(command):
         assert info["best_of"] == 8 and len(info["candidate_scores"]) == 8
         assert info["score"] == max(info["candidate_scores"])
         assert good_word_share([""], [choice.message.content])[0] == pytest.approx(info["score"])
+    ask = lambda _: client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=6)
+    with ThreadPoolExecutor(8) as pool:  # 8 requests × 8 candidates, batched and scored together
+        for reply in pool.map(ask, range(8)):
+            info = reply.choices[0].model_extra["alignkit"]
+            assert good_word_share([""], [reply.choices[0].message.content])[0] == pytest.approx(info["score"])
+            assert info["score"] == max(info["candidate_scores"])
     stream = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=6, stream=True)
     chunks = [c.choices[0] for c in stream if c.choices]
     text = "".join(c.delta.content or "" for c in chunks)
@@ -297,8 +303,8 @@ def test_sigterm_stops_the_server_cleanly(command):
 
 def test_best_of_n_select_keeps_the_top_score():
     scorer = lambda prompts, texts, finished: (torch.tensor([float(len(t)) for t in texts]), None)
-    picks = best_of_n_select(scorer, ["p"] * 6, ["a", "ccc", "bb", "dd", "e", "dd"], [True] * 6, best_of=3)
-    assert picks == [(1, [1.0, 3.0, 2.0]), (3, [2.0, 1.0, 2.0])]  # a tie keeps the first
+    picks = best_of_n_select(scorer, ["p"] * 7, ["a", "ccc", "bb", "dd", "e", "dd", "ffff"], [True] * 7, [3, 3, 1])
+    assert picks == [(1, [1.0, 3.0, 2.0]), (3, [2.0, 1.0, 2.0]), (6, [4.0])]  # a tie keeps the first
 
 
 def test_best_of_n_with_a_reward_model(tiny_model_dir):

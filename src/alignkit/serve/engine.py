@@ -70,15 +70,16 @@ def stop_index(text: str, stops: tuple[str, ...]) -> int:
 
 
 def best_of_n_select(scorer, prompts: list, texts: list[str], finished: list[bool],
-                     best_of: int) -> list[tuple[int, list[float]]]:
-    """Groups of `best_of` consecutive candidates (one prompt each): (index of the best, the group's scores),
-    scored in one `scorer` call. Ties keep the first candidate."""
+                     groups: list[int]) -> list[tuple[int, list[float]]]:
+    """Consecutive groups of candidates, each group the samples of one prompt (`groups`: their sizes), scored
+    in one `scorer` call: for each group (index of its best candidate, the group's scores). Ties keep the
+    first candidate."""
     scores = scorer(prompts, texts, finished)[0].tolist()
-    out = []
-    for start in range(0, len(texts), best_of):
-        group = scores[start:start + best_of]
-        best = max(range(len(group)), key=group.__getitem__)
-        out.append((start + best, group))
+    out, start = [], 0
+    for size in groups:
+        group = scores[start:start + size]
+        out.append((start + max(range(size), key=group.__getitem__), group))
+        start += size
     return out
 
 
@@ -183,17 +184,22 @@ class Engine:
             for job in jobs:
                 candidates.append([self._choice(job, sampled[row + i]) for i in range(job.rows)])
                 row += job.rows
+        best_of = [(job, cands) for job, cands in zip(jobs, candidates) if job.best_of > 1]
+        if best_of:  # every Best-of-N candidate of the batch in one scorer call
+            flat = [c for _, cands in best_of for c in cands]
+            picks = iter(best_of_n_select(self.scorer, [job.prompt for job, cands in best_of for _ in cands],
+                                          [c.text for c in flat], [c.finish_reason == "stop" for c in flat],
+                                          [job.best_of for job, _ in best_of for _ in range(job.n)]))
         results = []
         for job, cands in zip(jobs, candidates):
             if job.best_of == 1:
                 results.append(cands)
                 continue
-            picks = best_of_n_select(self.scorer, [job.prompt] * len(cands), [c.text for c in cands],
-                                     [c.finish_reason == "stop" for c in cands], job.best_of)
             chosen = []
-            for index, scores in picks:
-                cands[index].score, cands[index].candidate_scores = scores[index % job.best_of], scores
-                chosen.append(cands[index])
+            for _ in range(job.n):
+                index, scores = next(picks)
+                flat[index].score, flat[index].candidate_scores = max(scores), scores
+                chosen.append(flat[index])
             results.append(chosen)
         streamer.finish(jobs, results)
         return results
