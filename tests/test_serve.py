@@ -129,6 +129,22 @@ def test_streaming_chat(client):
         assert pieces[-1].finish_reason == "stop"
 
 
+def test_stream_is_server_sent_events(served):
+    """The raw stream: `data: {json}` events separated by blank lines, ending with `data: [DONE]`."""
+    with httpx.stream("POST", served.url + "/v1/chat/completions", timeout=60,
+                      headers={"Authorization": f"Bearer {KEY}"},
+                      json={"messages": PROMPT, "max_tokens": 4, "stream": True}) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        body = response.read().decode()
+    events = body.split("\n\n")
+    assert events[-1] == "" and events[-2] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-2]]
+    assert all(c["object"] == "chat.completion.chunk" and c["id"] == chunks[0]["id"] for c in chunks)
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 def test_stream_pieces_arrive_while_sampling(served, monkeypatch):
     """A streamed choice's pieces reach the request during the generate call, not after it."""
     from alignkit.serve import engine as engine_module
