@@ -325,10 +325,11 @@ def test_best_of_n_select_keeps_the_top_score():
 
 def test_best_of_n_with_a_reward_model(tiny_model_dir):
     """The Scorer's reward-model path on the worker thread: a causal LM loaded as a reward model gets a zero
-    head, so every candidate scores 0 and the first one is kept."""
+    head, so every candidate scores 0 (in both members of the ensemble) and the first one is kept."""
     from alignkit.serve.engine import Job
 
-    cfg = ServeConfig(model=tiny_model_dir, reward_models=(tiny_model_dir,), n=4)
+    cfg = ServeConfig(model=tiny_model_dir, reward_models=(f"{tiny_model_dir},{tiny_model_dir}",), n=4)
+    assert cfg.reward_paths == [tiny_model_dir, tiny_model_dir]  # R1,R2 as SPEC §10 writes it: an ensemble
     engine = load_engine(cfg)
     engine.start()
     try:

@@ -275,7 +275,8 @@ class ServeConfig:
     api_key: str = option("", "Key clients must send as `Authorization: Bearer KEY`; empty = the ALIGNKIT_API_KEY "
                           "environment variable (preferred: a command line is visible to other users), else no key.")
     served_model_name: str = option("", "Model id in /v1/models and in responses; empty = the model folder's name.")
-    reward_models: tuple[str, ...] = option((), "Reward model folder(s) for Best-of-N; several form an ensemble.")
+    reward_models: tuple[str, ...] = option((), "Reward model folder(s) for Best-of-N (R1 R2 or R1,R2); several "
+                                            "form an ensemble.")
     reward_model: str = option("", "One reward model folder (same as reward_models with one entry).")
     reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; "
                             "added to the reward models.")
@@ -318,6 +319,12 @@ class ServeConfig:
             raise UserError(f'"n" ({self.n}) must not exceed "max_best_of" ({self.max_best_of})')
         if self.n > self.max_batch_size:
             raise UserError(f'"n" ({self.n}) must not exceed "max_batch_size" ({self.max_batch_size})')
+
+    @property
+    def reward_paths(self) -> list[str]:
+        """The reward model folders: reward_models (comma-separated entries split) and reward_model."""
+        paths = [p.strip() for entry in self.reward_models for p in entry.split(",")]
+        return [p for p in paths + [self.reward_model] if p]
 
 
 # ---------------------------------------------------------------------------------------------------------

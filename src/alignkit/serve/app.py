@@ -412,10 +412,10 @@ def load_engine(cfg: ServeConfig) -> Engine:
     tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
     model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, for_training=False).requires_grad_(False)
     scorer = None
-    if cfg.reward_models or cfg.reward_model or cfg.reward_fn:
+    if cfg.reward_paths or cfg.reward_fn:
         from alignkit.rewards import Scorer
 
-        scorer = Scorer(cfg, policy_tokenizer=tokenizer)
+        scorer = Scorer(cfg, paths=cfg.reward_paths, policy_tokenizer=tokenizer)
     return Engine(model, tokenizer, scorer, window_s=cfg.batch_window_ms / 1000, max_batch_size=cfg.max_batch_size,
                   seed=cfg.seed)
 
