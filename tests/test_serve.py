@@ -24,6 +24,7 @@ from alignkit.serve.engine import best_of_n_select  # noqa: E402
 from conftest import Harness  # noqa: E402
 
 KEY = "test-key-123"
+ENV_KEY = "env-key-456"  # the command's key, from ALIGNKIT_API_KEY
 PROMPT = [{"role": "user", "content": "describe the red cat ->"}]
 
 
@@ -238,11 +239,12 @@ def command(tiny_model_dir):
     """`alignkit serve --reward-fn … --n 8` in a subprocess (its own interpreter, as in production):
     (process, base URL). The last test sends it SIGTERM."""
     proc = subprocess.Popen(Harness.command(["serve", "--model", tiny_model_dir, "--port", "0", "--n", "8",
-                                                   "--reward-fn", "python:alignkit.examples:good_word_share"]),
-                            env=Harness.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                             "--reward-fn", "python:alignkit.examples:good_word_share"]),
+                            env={**Harness.env(), "ALIGNKIT_API_KEY": ENV_KEY}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     match = re.search(r"http://127\.0\.0\.1:(\d+)/v1", line)
-    if not match:
+    if not match or "API key required" not in line:
         proc.kill()
         pytest.fail(f"alignkit serve did not start: {line}{proc.stderr.read()}")
     yield proc, match.group(0)
@@ -253,7 +255,7 @@ def command(tiny_model_dir):
 
 def test_best_of_n(command):
     """Each choice is the best of 8 samples under the rule; the response says so."""
-    client = openai.OpenAI(base_url=command[1], api_key="none", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=command[1], api_key=ENV_KEY, max_retries=0, timeout=60)
     reply = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=6, n=2, temperature=1.0)
     assert len(reply.choices) == 2
     for choice in reply.choices:
@@ -279,7 +281,7 @@ def test_best_of_n(command):
 def test_64_concurrent_clients_are_batched(command):
     """64 clients at once: no error, and far less than 64 times one request's wall time."""
     url = command[1]
-    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=url, api_key=ENV_KEY, max_retries=0, timeout=120)
     ask = lambda _: client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=16, temperature=0,
                                                    extra_body={"best_of": 1})
     ask(0)  # warm-up
@@ -289,7 +291,7 @@ def test_64_concurrent_clients_are_batched(command):
         ask(0)
         singles.append(time.perf_counter() - start)
     one = statistics.median(singles)
-    health = url.removesuffix("/v1") + "/health"
+    health = url.removesuffix("/v1") + "/health"  # no key needed
     batches_before = httpx.get(health).json()["batches"]
     with ThreadPoolExecutor(64) as pool:
         start = time.perf_counter()
@@ -313,8 +315,10 @@ def test_sigterm_stops_the_server_cleanly(command):
     except subprocess.TimeoutExpired:
         proc.kill()
         raise
-    assert rc == 0, proc.stderr.read()
-    assert "generator stopped" in proc.stdout.read()
+    out, err = proc.stdout.read(), proc.stderr.read()
+    assert rc == 0, err
+    assert "generator stopped" in out
+    assert ENV_KEY not in out + err  # the key is never printed or logged
 
 
 def test_best_of_n_select_keeps_the_top_score():
