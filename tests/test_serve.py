@@ -192,6 +192,15 @@ def test_completions(client):
         assert cut.choices[0].text == words[0] and cut.choices[0].finish_reason == "stop"
 
 
+def test_seeds_do_not_split_batches(client, served):
+    """16 concurrent requests with 16 different seeds share generations (seed is best effort, as OpenAI's)."""
+    ask = lambda seed: client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=4, seed=seed)
+    before = served.server.engine.batches
+    with ThreadPoolExecutor(16) as pool:
+        assert len(list(pool.map(ask, range(16)))) == 16
+    assert served.server.engine.batches - before <= 6
+
+
 def test_models_and_health(client, served):
     assert [m.id for m in client.models.list().data] == [served.server.model_name]
     health = httpx.get(served.url + "/health")

@@ -2,7 +2,7 @@
 
 Requests (`Job`s) wait on futures. The worker takes the first job in its queue, waits up to `window_s` for
 others (up to `max_batch_size` sequences in all), and generates them together with the rollout engine's
-`generate` — one call per set of sampling settings (temperature, top_p, seed), so 64 clients asking at once
+`generate` — one call per set of sampling settings (temperature, top_p), so 64 clients asking at once
 cost about one batched generation, not 64. A job's `n × best_of` copies of its prompt share one prefill.
 Best-of-N scores a choice's `best_of` candidates with the `Scorer` and keeps the best (`best_of_n_select`).
 """
@@ -50,8 +50,9 @@ class Job:
 
     @property
     def sampling(self) -> tuple:
-        """Jobs with equal sampling settings are generated in one call (greedy ones whatever their top_p and seed)."""
-        return (0.0, 1.0, None) if self.temperature == 0 else (self.temperature, self.top_p, self.seed)
+        """Jobs with equal sampling settings are generated in one call (greedy ones whatever their top_p). The
+        seed is not one of them: seeded requests with distinct seeds would otherwise each cost a generation."""
+        return (0.0, 1.0) if self.temperature == 0 else (self.temperature, self.top_p)
 
 
 @dataclass
@@ -169,8 +170,10 @@ class Engine:
                 _settle(job, choices)
 
     def _generate(self, jobs: list[Job]) -> list[list[Choice]]:
-        temperature, top_p, seed = jobs[0].sampling
-        generator = torch.Generator().manual_seed(seed) if seed is not None else self.generator
+        temperature, top_p = jobs[0].sampling
+        # best effort, as OpenAI's: a seeded request sampled alone gets the same text again
+        seeds = [job.seed for job in jobs if job.seed is not None]
+        generator = torch.Generator().manual_seed(seeds[0]) if seeds else self.generator
         prompts = [job.prompt_ids for job in jobs for _ in range(job.rows)]
         streamer = _Streamer(self, jobs)
         # temperature 0: generate divides the logits by 1e-6, which makes sampling the argmax (greedy)
