@@ -19,6 +19,7 @@ from alignkit.config import (
     LabelConfig,
     PPOConfig,
     RewardConfig,
+    ServeConfig,
     SFTConfig,
     _base_type,
     build_config,
@@ -47,6 +48,8 @@ TOOL_COMMANDS = {
     "eval": (EvalConfig, "alignkit.judges.winrate:run_eval",
              "win rate of a model against a baseline under a judge, raw and length-controlled"),
     "bon": (BonConfig, "alignkit.bon:run_bon", "Best-of-N: sample n responses per prompt, keep the best by score"),
+    "serve": (ServeConfig, "alignkit.serve.app:serve", "OpenAI-compatible HTTP server for a policy, optionally "
+              "Best-of-N; batches concurrent requests"),
 }
 CONFIG_COMMANDS = {**TRAIN_COMMANDS, **TOOL_COMMANDS}
 

@@ -386,6 +386,72 @@ class EvalConfig(JudgeFields):
             raise UserError(f'field "max_prompts" must be 0 or more, got {self.max_prompts}')
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """`alignkit serve`: an OpenAI-compatible HTTP server for a policy, optionally answering with the best of
+    n samples under reward models or a rule (SPEC §10). Concurrent requests are generated together."""
+
+    model: str = option("", "The policy to serve: a Hugging Face checkpoint folder.")
+    host: str = option("127.0.0.1", "Address to bind; the default accepts local clients only.")
+    port: int = option(8000, "TCP port to listen on.")
+    api_key: str = option("", "Key clients must send as `Authorization: Bearer KEY`; empty = the ALIGNKIT_API_KEY "
+                          "environment variable (preferred: a command line is visible to other users), else no key.")
+    served_model_name: str = option("", "Model id in /v1/models and in responses; empty = the model folder's name.")
+    reward_models: tuple[str, ...] = option((), "Reward model folder(s) for Best-of-N (R1 R2 or R1,R2); several "
+                                            "form an ensemble.")
+    reward_model: str = option("", "One reward model folder (same as reward_models with one entry).")
+    reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; "
+                            "added to the reward models.")
+    reward_judge: str = option("", "A judge that scores (rm:PATH or python:module:function, SPEC §9) for Best-of-N, "
+                               "alone or added to the reward models.")
+    ensemble: str = option("mean", "How several reward models combine.", ("mean", "min", "uwo"))
+    uwo_lambda: float = option(1.0, "λ in uwo = mean − λ·variance across the ensemble.")
+    n: int = option(1, "Best-of-N: samples scored per returned choice (the best is returned); > 1 needs a reward. "
+                    "A request may set its own `best_of` up to max_best_of.")
+    max_best_of: int = option(16, "Largest `best_of` a request may ask for.")
+    max_n: int = option(8, "Largest `n` (choices per request) a request may ask for.")
+    max_tokens: int = option(256, "Largest `max_tokens` a request may ask for (and what it gets when it does not say).")
+    max_prompt_tokens: int = option(0, "Longest prompt in tokens; 0 = the model's context length. A prompt plus "
+                                    "max_tokens must fit the context either way.")
+    max_body_bytes: int = option(1_000_000, "Largest request body in bytes; larger ones get 413.")
+    batch_window_ms: float = option(10.0, "How long the generator waits after a request for others to batch with it.")
+    max_batch_size: int = option(64, "Most sequences (prompts × n × best_of) generated in one call.")
+    seed: int = option(0, "Seed of the sampler for requests that give no `seed`.")
+    dtype: str = option("auto", "Weights' precision: auto = float32 on CPU, bfloat16 on GPU.",
+                        ("auto", "float32", "bfloat16"))
+    trust_remote_code: bool = option(False, "Allow model code from the checkpoint folder to run (off by default).")
+    prefix_sharing: bool = option(True, "Reward models score a prompt's candidates in one packed row.")
+    num_threads: int = option(0, "CPU threads for torch; 0 = leave torch's default.")
+
+    def __post_init__(self):
+        check_fields(self)
+        if not self.model:
+            raise UserError('field "model" is required (a checkpoint folder)')
+        if not 0 <= self.port <= 65535:
+            raise UserError(f'field "port" must be in 0..65535, got {self.port}')
+        for name in ("n", "max_best_of", "max_n", "max_tokens", "max_body_bytes", "max_batch_size"):
+            if getattr(self, name) < 1:
+                raise UserError(f'field "{name}" must be at least 1, got {getattr(self, name)}')
+        for name in ("max_prompt_tokens", "num_threads"):
+            if getattr(self, name) < 0:
+                raise UserError(f'field "{name}" must be 0 or more, got {getattr(self, name)}')
+        if not (self.batch_window_ms >= 0 and math.isfinite(self.batch_window_ms)):
+            raise UserError(f'field "batch_window_ms" must be 0 or more, got {self.batch_window_ms}')
+        if self.n > 1 and not (self.reward_models or self.reward_model or self.reward_fn or self.reward_judge):
+            raise UserError(f'"n" {self.n} (Best-of-N) needs reward_models (or reward_model), reward_fn and/or '
+                            'reward_judge')
+        if self.n > self.max_best_of:
+            raise UserError(f'"n" ({self.n}) must not exceed "max_best_of" ({self.max_best_of})')
+        if self.n > self.max_batch_size:
+            raise UserError(f'"n" ({self.n}) must not exceed "max_batch_size" ({self.max_batch_size})')
+
+    @property
+    def reward_paths(self) -> list[str]:
+        """The reward model folders: reward_models (comma-separated entries split) and reward_model."""
+        paths = [p.strip() for entry in self.reward_models for p in entry.split(",")]
+        return [p for p in paths + [self.reward_model] if p]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Introspection, parsing and validation shared by every config class.
 

@@ -95,13 +95,16 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, device, has_keep: boo
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None) -> Rollout:
+             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
+             on_step=None) -> Rollout:
     """Sample up to `max_new_tokens` per prompt (stopping a row at EOS) with a KV cache.
 
     Returns the tokens and log softmax(logits / temperature)[token] for each — the log-prob the policy gave
     the token when it was sampled (top-p only restricts which tokens can be drawn, as in TRL and vLLM).
     A prompt repeated in the batch (the K samples of RLOO/GRPO) is encoded once and its KV cache copied to
     every row that samples from it; the prompt pass computes the logits of the last position only.
+    `on_step(token)`, if given, sees each step's (B,) tokens as they are sampled (pad_id in finished rows):
+    the server streams text with it.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -129,6 +132,8 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
         token = sample(top_p_filter(scaled, top_p).softmax(-1), generator)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
         tokens.append(token)
+        if on_step is not None:
+            on_step(token)
         logps.append(torch.where(alive, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1), 0.0))
         alive_steps.append(alive)
         alive = alive & (token != eos_id)
