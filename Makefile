@@ -21,7 +21,7 @@ test: $(STAMP)
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(PY) -m pytest
 
 demo: $(STAMP)
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VENV)/bin/alignkit demo --output-dir runs/demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(VENV)/bin/alignkit lab --preset quick --output-dir runs/lab
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks

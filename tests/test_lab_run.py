@@ -15,12 +15,19 @@ TINY = {"sft_demos": 200, "pairs": 300, "rm_epochs": 1, "ensemble_size": 2, "rl_
 
 
 @pytest.mark.slow
-def test_lab_end_to_end_writes_summary_and_report(tmp_path, monkeypatch):
+def test_lab_end_to_end_writes_summary_and_report(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(base.PRETRAIN, "lines", 400)
     monkeypatch.setitem(lab_run.PRESETS, "quick", TINY)
     monkeypatch.setenv("ALIGNKIT_CACHE", str(tmp_path / "cache"))
     assert main(["lab", "--seed", "3", "--output-dir", str(tmp_path / "lab")]) == 0
     summary = json.loads((tmp_path / "lab" / "summary.json").read_text())
+    printed = capsys.readouterr().out.splitlines()  # what `make demo` shows: the table, then the report's path
+    header = printed.index(next(line for line in printed if line.startswith("method ")))
+    assert printed[header].split()[:3] == ["method", "gold", "proxy"]
+    table = {line.split()[0]: line.split() for line in printed[header + 2:header + 10]}
+    assert set(table) == set(summary["methods"])
+    assert table["ppo"][1] == f"{summary['methods']['ppo']['gold']:.3f}"
+    assert printed[-1] == f"report: {(tmp_path / 'lab' / 'report.html').resolve()}"
     assert summary["preset"] == "quick" and summary["seed"] == 3 and summary["elapsed_s"] > 0
     methods = summary["methods"]
     assert set(methods) == {"sft", "dpo", "ipo", "kto", "ppo", "ppo_no_kl", "ppo_ensemble", "bon_4"}

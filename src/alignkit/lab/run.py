@@ -144,9 +144,24 @@ def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", 
     from alignkit.lab.report import write_report
 
     write_report(summary, out / "report.html")
-    print(f"lab: done in {summary['elapsed_s']:.0f} s; {out / 'summary.json'} and {out / 'report.html'}",
-          file=sys.stderr)
+    print(format_table(summary))
+    print(f"lab: done in {summary['elapsed_s']:.0f} s; {out / 'summary.json'}\nreport: {(out / 'report.html').resolve()}")
     return summary
+
+
+def format_table(summary: dict) -> str:
+    """The methods as a plain-text table: gold and proxy reward, KL to SFT, length, gold win rate vs SFT, and
+    where the hacking detector flagged."""
+    rows = [("method", "gold", "proxy", "KL", "length", "win vs sft", "hacking flag")]
+    for name, m in summary["methods"].items():
+        flag = summary["hacking"].get(name, {}).get("flag_step")
+        rows.append((name, f"{m['gold']:.3f}", f"{m['proxy']:.3f}", f"{m['kl']:.2f}", f"{m['length']:.1f}",
+                     f"{100 * m['win_rate_vs_sft']:.0f}%", "" if flag is None else f"iteration {flag}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+             for r in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
 
 class Evaluator:
