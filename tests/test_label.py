@@ -192,3 +192,29 @@ def test_label_with_an_api_judge_caches_and_never_writes_the_key(tmp_path, monke
     for path in tmp_path.rglob("*"):
         if path.is_file():
             assert "sk-label-secret" not in path.read_text(errors="replace"), path
+
+
+@pytest.mark.parametrize("judge", [RULE, "knockout"])
+def test_pairs_mixed_with_larger_sets_give_ranked_rows_throughout(tmp_path, tiny_model_dir, judge):
+    """One file holds one row kind: an input mixing two-candidate and three-candidate rows is labelled as ranked
+    rows throughout (a pair is a ranking of two), which `load_rows` reads and `alignkit dpo` trains on."""
+    from alignkit.data.formats import load_rows
+    from alignkit.examples import WORDS
+    from alignkit.models.tiny import save_tiny_model
+    from alignkit.train.dpo import train_dpo
+
+    if judge == "knockout":  # a pairwise-only judge: ranks by a round robin
+        judge = f"lm:{save_tiny_model(tmp_path / 'judge', WORDS + ['A', 'B', 'C', '[[', ']]'], seed=1)}"
+    pairs = shuffled_pairs(6, seed=21)
+    triples = [{"prompt": r["prompt"], "responses": r["responses"][:3]} for r in ranked_rows(6, k=3, seed=22)]
+    data = write_jsonl(tmp_path / "mixed.jsonl", [row for pair in zip(pairs, triples) for row in pair])
+    out = tmp_path / "labelled.jsonl"
+    report = run_label(LabelConfig(judge=judge, data=(str(data),), output=str(out), batch_size=4))
+    assert report["rows"] == 12
+    loaded = load_rows([str(out)], kind="auto")
+    assert loaded.kind == "ranked" and len(loaded.rows) == report["written"] > 0
+    assert {len(r.responses) for r in loaded.rows} == {2, 3}
+    if judge == RULE:  # (an untrained lm judge ties everything: no pair to train on)
+        train_dpo(DPOConfig(model=tiny_model_dir, data=(str(out),), output_dir=str(tmp_path / "dpo"), max_steps=1,
+                            batch_size=4))
+        assert (tmp_path / "dpo" / "final" / "model.safetensors").exists()

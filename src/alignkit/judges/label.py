@@ -2,7 +2,8 @@
 
 Two candidates give a pairwise row (`prompt`, `chosen`, `rejected`); more give a ranked row (`prompt`,
 `responses` best first, `scores`): the judge's scores where it can score, else the wins of a round robin of
-comparisons (a tie is half a win). With `policy`, rows without responses get `n` sampled candidates (the samples
+comparisons (a tie is half a win). An input that mixes pairs with larger sets gives ranked rows throughout (a
+pair is a ranking of two), so the output is one row kind that the trainers read as it is. With `policy`, rows without responses get `n` sampled candidates (the samples
 of a prompt share its prefill, `alignkit.rl.rollout.generate`).
 
 Resume: every output line carries `_row` (the input row's index) and `_judge` (what judging it took), and is
@@ -129,11 +130,14 @@ def _as_response(prompt, text: str):
     return text if isinstance(prompt, str) else [{"role": "assistant", "content": text}]
 
 
-def judge_tasks(judge: Judge, tasks: list[Task]) -> list[tuple[bool, dict]]:
-    """(goes to the output, the line) for each task with responses: one batched call of the judge for all."""
+def judge_tasks(judge: Judge, tasks: list[Task], ranked: bool = False) -> list[tuple[bool, dict]]:
+    """(goes to the output, the line) for each task with responses: one batched call of the judge for all.
+    `ranked`: every task gives a ranked row, two candidates included (for a dataset that mixes pairs with
+    larger sets: one file holds one row kind)."""
+    as_pair = lambda t: len(t.responses) == 2 and not ranked  # noqa: E731
     pairs = [(t, i, j) for t in tasks for i in range(len(t.responses)) for j in range(i + 1, len(t.responses))
-             if len(t.responses) == 2 or not judge.can_score]
-    scored = [t for t in tasks if len(t.responses) > 2 and judge.can_score]
+             if as_pair(t) or not judge.can_score]
+    scored = [t for t in tasks if not as_pair(t) and judge.can_score]
     verdicts = judge.compare_batch([(t.prompt, t.responses[i], t.responses[j]) for t, i, j in pairs])
     scores = judge.score_batch([t.prompt for t in scored for _ in t.responses],
                                [r for t in scored for r in t.responses]) if scored else []
@@ -144,7 +148,7 @@ def judge_tasks(judge: Judge, tasks: list[Task]) -> list[tuple[bool, dict]]:
     cursor, out = 0, []
     for t in tasks:
         base = {"_row": t.index}
-        if len(t.responses) == 2:
+        if as_pair(t):
             v = by_task[t.index][0][2]
             agree = None if t.label is None else float(v.winner == t.label)
             if v.winner is None:
@@ -222,6 +226,8 @@ def run_label(cfg) -> dict:
         for path in (out, skipped_path, report_path):
             path.unlink(missing_ok=True)
     done = {line["_row"] for line in done_rows(out) + done_rows(skipped_path)}
+    # one row kind per file: pairs only when no row has (or will be generated with) more than two candidates
+    ranked = any((len(t.responses) if t.responses is not None else cfg.n) > 2 for t in tasks)
     generator = _Generator(cfg) if any(t.responses is None and t.index not in done for t in tasks) else None
     written, skipped = AppendOnly(out), AppendOnly(skipped_path)
     try:
@@ -235,7 +241,7 @@ def run_label(cfg) -> dict:
                 if missing:
                     for t, texts in zip(missing, generator([t.prompt for t in missing], seed=cfg.seed, chunk=begin)):
                         t.responses = [_as_response(t.prompt, text) for text in texts]
-                for keep, line in judge_tasks(judge, chunk):
+                for keep, line in judge_tasks(judge, chunk, ranked):
                     (written if keep else skipped).write(line)
                 bar.update(len(chunk))
     finally:
