@@ -267,3 +267,18 @@ def test_packing_that_is_not_exact_is_caught_and_read_padded(zoo, data, monkeypa
     notice = capsys.readouterr().err
     assert "MistralForCausalLM: packed rows do not reproduce a padded forward" in notice
     assert "using padded batches for sequences longer than its attention window (6)" in notice
+
+
+def test_soft_capped_logits_never_take_the_output_layer_shortcut(zoo, data):
+    """Gemma 2 caps its logits (30·tanh(x/30)); a tiny model's logits are too small for the check to see the
+    cap, so a model that declares post-processed logits computes full logits: exact at any scale."""
+    from alignkit.data.collate import TokenizedPair, collate_packed_pairs
+    from alignkit.models.logps import _unwrap, pair_logps
+
+    enc = _encoder(zoo["gemma2"]["policy"])
+    policy = _plain(zoo["gemma2"]["policy"])
+    assert policy.config.final_logit_softcapping == 30.0
+    pairs = [TokenizedPair(*_pair(enc, r["prompt"], r["chosen"], r["rejected"])) for r in data["pairs"][:2]]
+    with torch.no_grad():
+        pair_logps(policy, collate_packed_pairs(pairs, enc.tokenizer.pad_token_id))
+    assert _unwrap(policy)._alignkit_checks["fast_logits"] is False
