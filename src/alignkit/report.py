@@ -275,15 +275,13 @@ def _config_section(runs: list[Run]) -> str:
     fields = []
     for r in runs:
         fields += [k for k in r.config if k not in fields]
-    missing = object()
 
     def cells(field: str) -> list[str]:
         return [_e(_config_value(r.config[field])) if field in r.config else "—" for r in runs]
 
-    def differs(field: str) -> bool:
-        values = {json.dumps(r.config.get(field, missing) if field in r.config else "\0missing", sort_keys=True,
-                             default=str) for r in runs}
-        return len(values) > 1
+    def differs(field: str) -> bool:  # a field one run lacks (another command, an older version) differs too
+        return len({json.dumps([field in r.config, r.config.get(field)], sort_keys=True, default=str)
+                    for r in runs}) > 1
 
     header = ["field"] + [_e(r.name) for r in runs]
     command = [["<b>command</b>"] + [f"<code>{_e(r.command)}</code>" for r in runs]]
