@@ -2,7 +2,6 @@
 detector raised it, unfinished and torn runs, folders that are not runs, and escaping. The HTML is parsed (tags
 balanced, SVGs as XML), not only searched for substrings."""
 
-import html
 import json
 import math
 import re
@@ -226,7 +225,29 @@ def test_metric_order():
                                                "hacking/flag", "entropy", "zeta"]
 
 
-def test_html_escape_helper_is_used_for_names():
-    from alignkit.report import _e
+def test_the_command_is_inferred_from_config_yaml():
+    """Each training command's own config.yaml names it; a partial one (`algo` alone) still means ppo."""
+    import yaml
 
-    assert _e("<a href='x'>&") == html.escape("<a href='x'>&", quote=True)
+    from alignkit.cli import TRAIN_COMMANDS
+    from alignkit.config import to_dict
+    from alignkit.report import infer_command
+
+    for name, (cls, _, _) in TRAIN_COMMANDS.items():
+        extra = {"reward_fn": "python:alignkit.examples:good_word_share"} if name == "ppo" else {}
+        config = yaml.safe_load(yaml.safe_dump(to_dict(cls(model="m", data=("x",), **extra))))
+        assert infer_command(config).split()[0] == name
+    assert infer_command({"model": "m", "algo": "grpo"}) == "ppo --algo grpo"
+    assert infer_command({"model": "m", "loss": "ipo", "beta": 0.1}) == "dpo --loss ipo"
+    assert infer_command({}) == "unknown"
+
+
+def test_a_long_run_is_thinned_to_at_most_a_thousand_points_per_curve(tmp_path):
+    from alignkit.report import load_run
+
+    run = tmp_path / "long"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 1 / s}) + "\n" for s in range(1, 5002)))
+    xs, ys = load_run(run, "long").curve("loss")
+    assert 500 <= len(xs) <= 1001 and len(set(xs)) == len(xs) and xs[0] == 1 and xs[-1] == 5001 and ys[-1] == 1 / 5001
+    assert xs == sorted(xs)

@@ -24,6 +24,7 @@ from alignkit.plots import PALETTE, chart
 
 # the rewards an online run's monitors compare: what it is trained on against what it is not
 MONITOR_REWARDS = ("reward/score", "reward/gold", "reward/heldout")
+MAX_POINTS = 1000  # per series and chart
 # a run's folder is its column; its path is in the runs table
 NOT_COMPARED = ("output_dir",)
 
@@ -107,10 +108,14 @@ class Run:
     def metric_names(self) -> set[str]:
         return {k for r in self.records for k, v in r.items() if k != "step" and _number(v) is not None}
 
-    def curve(self, metric: str) -> tuple[list[float], list[float]]:
-        """(steps, values) of one metric, non-finite values left out."""
+    def curve(self, metric: str, most: int = MAX_POINTS) -> tuple[list[float], list[float]]:
+        """(steps, values) of one metric, non-finite values left out; a long run keeps every k-th point and the
+        last, at most about `most` (a chart of 100k steps would weigh megabytes and show no more)."""
         points = [(float(r["step"]), _number(r.get(metric))) for r in self.records]
         points = [(x, y) for x, y in points if _finite(y)]
+        if len(points) > most:
+            kept = points[::-(-len(points) // most)]
+            points = kept + points[-1:] if kept[-1] != points[-1] else kept
         return [x for x, _ in points], [y for _, y in points]
 
     def flag(self) -> tuple[float | None, list[str]]:
