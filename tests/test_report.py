@@ -106,7 +106,8 @@ def test_two_real_sft_runs_side_by_side(tmp_path, tiny_model_dir):
     assert final[1][1].startswith("finished at step 4") and final[1][2].startswith("finished at step 4")
     loss_row = next(r for r in final if r[0] == "loss")
     assert all(math.isfinite(float(v)) for v in loss_row[1:])
-    assert 'id="hacking"' not in text and "id='hacking'" not in text  # offline runs: no monitors section
+    for section in ("hacking", "samples"):  # offline runs: no monitors, no samples, no links to them
+        assert f"id='{section}'" not in text and f"#{section}" not in text
 
 
 # ------------------------------------------------------------------------------------- synthetic runs

@@ -14,6 +14,7 @@ import html
 import json
 import math
 import os
+import re
 import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -396,21 +397,21 @@ def render(runs: list[Run], title: str) -> str:
     training = [m for m in names if not m.startswith(("eval/", "hacking/"))]
     evaluation = [m for m in names if m.startswith("eval/")]
     written = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sections = [_runs_section(runs), _final_section(runs), _config_section(runs)]
+    if training:
+        sections.append("<h2 id='training'>Training curves</h2>" + _charts(runs, training, colors, "line"))
+    if evaluation:
+        sections.append("<h2 id='eval'>Evaluation</h2><p>At the steps each run evaluated (step 0 is before "
+                        "training).</p>" + _charts(runs, evaluation, colors, "both"))
+    sections += [_hacking_section(runs, colors), _samples_section(runs)]
+    sections = [part for part in sections if part]
+    links = re.findall(r"<h2 id='([^']+)'>([^<]+)</h2>", "".join(sections))
     parts = [f"<h1>{_e(title)}</h1><p>{len(runs)} run{'s' * (len(runs) > 1)}; written {written} by "
              "<code>alignkit report</code>.</p>",
-             "<nav><a href='#runs'>runs</a><a href='#final'>final metrics</a><a href='#config'>config</a>"
-             "<a href='#training'>training</a><a href='#eval'>evaluation</a><a href='#hacking'>hacking</a>"
-             "<a href='#samples'>samples</a></nav>",
-             _runs_section(runs), _final_section(runs), _config_section(runs)]
-    if training:
-        parts.append("<h2 id='training'>Training curves</h2>" + _charts(runs, training, colors, "line"))
-    if evaluation:
-        parts.append("<h2 id='eval'>Evaluation</h2><p>At the steps each run evaluated (step 0 is before "
-                     "training).</p>" + _charts(runs, evaluation, colors, "both"))
-    parts += [_hacking_section(runs, colors), _samples_section(runs)]
+             "<nav>" + "".join(f"<a href='#{anchor}'>{text}</a>" for anchor, text in links) + "</nav>", *sections]
     return ("<!doctype html>\n<html lang='en'><head><meta charset='utf-8'>"
             f"<title>{_e(title)}</title><style>{STYLE}</style></head><body>\n"
-            + "\n".join(p for p in parts if p) + "\n</body></html>\n")
+            + "\n".join(parts) + "\n</body></html>\n")
 
 
 def write_report(run_dirs: list[str | Path], output: str | Path = "report.html", title: str | None = None) -> Path:
