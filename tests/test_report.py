@@ -110,6 +110,28 @@ def test_two_real_sft_runs_side_by_side(tmp_path, tiny_model_dir):
         assert f"id='{section}'" not in text and f"#{section}" not in text
 
 
+
+def test_a_real_online_run_has_monitors_and_samples(tmp_path, tiny_model_dir):
+    from alignkit.config import PPOConfig
+    from alignkit.examples import ANIMALS, COLORS, write_jsonl
+    from alignkit.train.ppo import train_ppo
+
+    rule = "python:alignkit.examples:good_word_share"
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"describe the {c} {a} ->"}
+                                                       for c in COLORS[:4] for a in ANIMALS[:4]])
+    train_ppo(PPOConfig(model=tiny_model_dir, data=(str(prompts),), eval_data=(str(prompts),), output_dir=str(
+        tmp_path / "ppo"), reward_fn=rule, gold_fn=rule, algo="rloo", max_steps=3, rollout_batch_size=4,
+        samples_per_prompt=2, max_new_tokens=5, lr=1e-3, eval_every=2, log_every=1))
+    out = tmp_path / "r.html"
+    assert report([tmp_path / "ppo", "--output", out])[0] == 0
+    text = out.read_text(encoding="utf-8")
+    page = Page(text)
+    titles = [svg_title(s) for s in svgs(text)]
+    assert {"reward/score", "kl", "eval/reward/gold", "ppo: trained-on vs held-out rewards",
+            "hacking/length_ratio", "hacking/flag"} <= set(titles)
+    assert "ppo --algo rloo" in text and "ppo</b>: not flagged" in text
+    assert page.tables["samples"][0] == ["prompt", "response", "score"] and len(page.tables["samples"]) > 1
+
 # ------------------------------------------------------------------------------------- synthetic runs
 def write_online_run(path: Path, finished: bool = True, torn: bool = False, flag_at: int = 7) -> Path:
     """A ppo-like run folder: 13 iterations, the proxy rising while gold turns down at `flag_at`, the detector
