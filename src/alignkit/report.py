@@ -161,10 +161,11 @@ def infer_command(config: dict) -> str:
 def load_run(path: Path, name: str) -> Run:
     import yaml
 
+    config_path = path / "config.yaml"
     try:
-        config = yaml.safe_load((path / "config.yaml").read_text(encoding="utf-8")) if (
-            path / "config.yaml").is_file() else {}
-    except yaml.YAMLError:
+        config = yaml.safe_load(config_path.read_text(encoding="utf-8", errors="replace")) if (
+            config_path.is_file()) else {}
+    except yaml.YAMLError:  # a hand-edited or torn file: the report still shows the metrics
         config = {}
     config = config if isinstance(config, dict) else {}
     records, skipped = read_jsonl(path / "metrics.jsonl")
@@ -207,7 +208,7 @@ def find_runs(paths: list[str | Path]) -> list[Path]:
 def _names(paths: list[Path]) -> list[str]:
     """Each run's folder name; parent/name where two folders share a name; the whole path where that is not
     enough."""
-    names = [p.name or str(p) for p in paths]
+    names = [p.name or p.resolve().name for p in paths]
     if len(set(names)) < len(names):
         names = [f"{p.parent.name}/{p.name}" for p in paths]
     if len(set(names)) < len(names):
