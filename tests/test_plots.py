@@ -25,3 +25,12 @@ def test_chart_places_every_point_inside_the_plot_and_draws_markers():
 
 def test_chart_without_data_says_so():
     assert "no data" in chart([], title="empty", xlabel="x", ylabel="y")
+
+
+def test_a_long_legend_label_widens_the_chart_not_the_plot():
+    short = chart([{"label": "a", "x": [0, 1], "y": [0, 1]}], title="t", xlabel="x", ylabel="y")
+    long = chart([{"label": "a" * 40, "x": [0, 1], "y": [0, 1]}], title="t", xlabel="x", ylabel="y")
+    width = int(re.search(r'width="(\d+)"', long).group(1))
+    assert width >= 58 + (520 - 188) + 40 * 6 and 'width="520"' in short
+    plot = re.compile(r'<rect x="58" y="28" width="(\d+)"')
+    assert plot.search(short).group(1) == plot.search(long).group(1)

@@ -113,6 +113,16 @@ def _make_parser() -> argparse.ArgumentParser:
     lab.add_argument("--output-dir", default="runs/lab", help="where summary.json, report.html and the runs go "
                      "(default: runs/lab)")
     lab.add_argument("--verbose", action="store_true", help="show the trainers' own progress output")
+    report = sub.add_parser("report", help="an HTML report of runs: curves, evaluation, hacking monitors, final "
+                            "metrics, config differences", description="alignkit report: one self-contained HTML "
+                            "file for any runs (sft, reward, dpo, kto, ppo; finished or not): a chart per logged "
+                            "metric with one series per run, eval/* metrics, the reward-hacking monitors with the "
+                            "detector's flag marked, final metrics, the config fields that differ, and the latest "
+                            "samples of online runs.", allow_abbrev=False)
+    report.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run folders (OUTPUT_DIR of a run), or a "
+                        "folder of run folders such as runs/lab")
+    report.add_argument("--output", default="report.html", help="the HTML file to write (default: report.html)")
+    report.add_argument("--title", default=None, help="the report's title (default: the runs' names)")
     return parser
 
 
@@ -171,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
             from alignkit.lab.run import run_lab
 
             run_lab(args.preset, seed=args.seed, output_dir=args.output_dir, quiet=not args.verbose)
+        elif args.command == "report":
+            from alignkit.report import write_report
+
+            print(f"report: {write_report(args.run_dirs, args.output, title=args.title)}")
     except UserError as e:
         print(f"alignkit: error: {e}", file=sys.stderr)
         return 2

@@ -41,7 +41,10 @@ def chart(series: list[dict], *, title: str, xlabel: str, ylabel: str, width: in
         x0, x1 = x0 - 1, x1 + 1
     pad = (y1 - y0) * 0.08 or 1.0
     y0, y1 = y0 - pad, y1 + pad
-    left, right, top, bottom = 58, 130, 28, 42
+    # the legend sits right of the plot; a long label (about 6.5 px a character) widens the chart, not the plot
+    longest = max((len(str(s["label"])) for s in series), default=0)
+    left, right, top, bottom = 58, max(130, 30 + int(6.5 * longest)), 28, 42
+    width += right - 130
     plot_w, plot_h = width - left - right, height - top - bottom
 
     def px(x: float) -> float:
