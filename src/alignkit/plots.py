@@ -23,10 +23,40 @@ def _ticks(lo: float, hi: float, count: int = 5) -> list[float]:
     return [first + i * step for i in range(int((hi - first) / step + 1e-9) + 1)]
 
 
+TEXT_WIDTH = 6.5  # px per character at font-size 11 (an estimate: the boxes that keep labels apart use it)
+
+
+def _overlaps(a, b) -> bool:
+    return a[0] < b[0] + b[2] and b[0] < a[0] + a[2] and a[1] < b[1] + b[3] and b[1] < a[1] + a[3]
+
+
+def _free_row(placed: list, x: float, w: float, y: float, step: float, limit: float) -> float:
+    """The first baseline from `y` down (by `step`) whose text box overlaps nothing placed."""
+    while y + step < limit and any(_overlaps((x, y - 9, w, 11), box) for box in placed):
+        y += step
+    return y
+
+
+def _point_label(placed: list, x: float, y: float, name: str, color: str, plot: tuple) -> str:
+    """A point's name next to it: the first of eight positions around it that stays in the plot and overlaps no
+    label already placed (else the first position)."""
+    left, top, plot_w, plot_h = plot
+    w, h = TEXT_WIDTH * len(name), 11
+    spots = [(x + 5, y - 4), (x + 5, y + 12), (x - 5 - w, y - 4), (x - 5 - w, y + 12), (x - w / 2, y - 8),
+             (x - w / 2, y + 16), (x + 5, y - 16), (x - 5 - w, y - 16)]
+    inside = [(sx, sy) for sx, sy in spots if sx >= left and sx + w <= left + plot_w and sy - 9 >= top
+              and sy + 2 <= top + plot_h] or spots
+    sx, sy = next(((sx, sy) for sx, sy in inside if not any(_overlaps((sx, sy - 9, w, h), b) for b in placed)),
+                  inside[0])
+    placed.append((sx, sy - 9, w, h))
+    return f'<text x="{sx:.1f}" y="{sy:.1f}" fill="{color}">{html.escape(name)}</text>'
+
+
 def chart(series: list[dict], *, title: str, xlabel: str, ylabel: str, width: int = 520, height: int = 320,
           vlines: list[dict] | None = None) -> str:
-    """An SVG chart. Each series: {"label", "x": [...], "y": [...], "style": "line" | "points" | "both"}.
-    `vlines`: [{"x": value, "label": text}] drawn as dashed vertical markers."""
+    """An SVG chart. Each series: {"label", "x": [...], "y": [...], "style": "line" | "points" | "both"},
+    optionally "labels": a name per point, drawn beside it. `vlines`: [{"x": value, "label": text}] drawn as
+    dashed vertical markers. Text inside the plot is placed so that no two labels overlap."""
     def ok(v: float) -> bool:
         return v == v and abs(v) != math.inf
 
@@ -66,10 +96,17 @@ def chart(series: list[dict], *, title: str, xlabel: str, ylabel: str, width: in
     out.append(f'<text x="{left + plot_w / 2}" y="{height - 6}" text-anchor="middle">{html.escape(xlabel)}</text>')
     out.append(f'<text transform="translate(14,{top + plot_h / 2}) rotate(-90)" text-anchor="middle">'
                f'{html.escape(ylabel)}</text>')
+    placed: list[tuple[float, float, float, float]] = []  # text boxes drawn inside the plot (no overlaps)
     for v in (v for v in vlines or [] if ok(v["x"])):
-        out.append(f'<line x1="{px(v["x"]):.1f}" x2="{px(v["x"]):.1f}" y1="{top}" y2="{top + plot_h}" '
-                   f'stroke="#555" stroke-dasharray="4,3"/><text x="{px(v["x"]) + 3:.1f}" y="{top + 11}" '
-                   f'fill="#555">{html.escape(v.get("label", ""))}</text>')
+        x, label = px(v["x"]), str(v.get("label", ""))
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{top}" y2="{top + plot_h}" stroke="#555" '
+                   f'stroke-dasharray="4,3"/>')
+        if label:  # right of the line, or left of it near the plot's right edge; a row lower if taken
+            w = TEXT_WIDTH * len(label)
+            tx, anchor, box_x = (x + 3, "start", x + 3) if x + 3 + w <= left + plot_w else (x - 3, "end", x - 3 - w)
+            ty = _free_row(placed, box_x, w, top + 11, step=12, limit=top + plot_h)
+            placed.append((box_x, ty - 9, w, 11))
+            out.append(f'<text x="{tx:.1f}" y="{ty:.1f}" text-anchor="{anchor}" fill="#555">{html.escape(label)}</text>')
     for i, s in enumerate(series):
         color = s.get("color", PALETTE[i % len(PALETTE)])
         pts = [(px(x), py(y)) for x, y in zip(s["x"], s["y"]) if ok(x) and ok(y)]
@@ -79,6 +116,9 @@ def chart(series: list[dict], *, title: str, xlabel: str, ylabel: str, width: in
             out.append(f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.8"/>')
         if style in ("points", "both"):
             out += [f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3.2" fill="{color}"/>' for x, y in pts]
+        names = [n for (x, y), n in zip(((x, y) for x, y in zip(s["x"], s["y"])), s.get("labels") or []) if ok(x) and ok(y)]
+        for (x, y), name in zip(pts, names):  # each point's own name beside it, where it overlaps no other
+            out.append(_point_label(placed, x, y, str(name), color, (left, top, plot_w, plot_h)))
         ly = top + 12 + 15 * i
         out.append(f'<rect x="{left + plot_w + 10}" y="{ly - 8}" width="10" height="10" fill="{color}"/>'
                    f'<text x="{left + plot_w + 24}" y="{ly + 1}">{html.escape(str(s["label"]))}</text>')

@@ -21,7 +21,7 @@ def write_report(summary: dict, path: Path) -> None:
              "on samples, except for best-of-n, whose KL is the analytical bound log n − (n−1)/n (an upper bound: "
              "identical samples make the real KL smaller). Held-out prompts are held out of every alignment "
              "data set; the base model saw every prompt of the world in pretraining.</p>"]
-    parts.append(chart([{"label": name, "x": [m["kl"]], "y": [m["gold"]], "style": "points"}
+    parts.append(chart([{"label": name, "x": [m["kl"]], "y": [m["gold"]], "style": "points", "labels": [name]}
                         for name, m in methods.items()],
                        title="Gold reward vs KL to SFT, every method", xlabel="KL (nats)", ylabel="gold"))
     for name in ONLINE:
