@@ -282,3 +282,28 @@ def test_soft_capped_logits_never_take_the_output_layer_shortcut(zoo, data):
     with torch.no_grad():
         pair_logps(policy, collate_packed_pairs(pairs, enc.tokenizer.pad_token_id))
     assert _unwrap(policy)._alignkit_checks["fast_logits"] is False
+
+
+def test_a_row_of_several_blocks_is_checked_too(zoo, monkeypatch, capsys):
+    """A GPT-2 (learned absolute positions) whose backbone ignores `position_ids` (positions = columns) is right
+    on a row holding one sequence from column 0 and wrong on a row of two blocks side by side: the check reads
+    both kinds of row, so it catches that, and the numbers come from padded rows. (With rotary positions the
+    same bug would be harmless here: a block shifted as a whole keeps its relative positions.)"""
+    from alignkit.data.collate import pack_sequences
+    from alignkit.data.tokenize import Tokenized
+    from alignkit.models.logps import packed_logps
+
+    model = _plain(zoo["gpt2"]["policy"])
+    forward = model.transformer.forward
+    monkeypatch.setattr(model.transformer, "forward", lambda *a, **kw: forward(*a, **{**kw, "position_ids": None}))
+    g = torch.Generator().manual_seed(3)
+    vocab = model.config.vocab_size
+    seqs = [Tokenized([1] + torch.randint(5, vocab, (n - 1,), generator=g).tolist(), [False, False] + [True] * (n - 2))
+            for n in (12, 6, 5)]
+    batch = pack_sequences(seqs, [0, 1, 2], 0)
+    assert batch.input_ids.shape[0] == 2  # [12] and [6 | 5]: the longest sequence's row has one block
+    with torch.no_grad():
+        got = packed_logps(model, batch).logps
+        want = torch.tensor([_oracle_logps(model, s) for s in seqs])
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    assert "GPT2LMHeadModel: packed rows do not reproduce a padded forward" in capsys.readouterr().err

@@ -201,21 +201,35 @@ def padded_view(batch: PackedBatch) -> PackedBatch:
         num_tokens=batch.num_tokens, spans=None, pad_id=batch.pad_id)
 
 
-def _one_row(batch: PackedBatch, row: int) -> PackedBatch:
-    """Row `row` of a packed batch as a batch of its own (its sequences numbered from 0), for the check."""
+def _some_rows(batch: PackedBatch, rows: list[int]) -> PackedBatch:
+    """Rows `rows` of a packed batch as a batch of their own (their sequences renumbered from 0), for a check."""
     width = batch.input_ids.shape[1]
-    seqs = (batch.spans[:, 0] == row).nonzero().squeeze(-1)                          # (S',) its sequences
+    rows_t = torch.tensor(sorted(set(rows)), dtype=torch.long, device=batch.input_ids.device)
+    new_row = torch.full((batch.input_ids.shape[0],), -1, dtype=torch.long, device=rows_t.device)
+    new_row[rows_t] = torch.arange(len(rows_t), device=rows_t.device)
+    seqs = (new_row[batch.spans[:, 0]] >= 0).nonzero().squeeze(-1)                  # (S',) their sequences
     number = torch.full((batch.spans.shape[0],), -1, dtype=torch.long, device=seqs.device)
     number[seqs] = torch.arange(len(seqs), device=seqs.device)
-    keep = batch.positions // width == row
+    keep = new_row[batch.positions // width] >= 0
+
+    def moved(flat: torch.Tensor) -> torch.Tensor:  # flat index in the old rows -> in the new ones
+        return new_row[flat // width] * width + flat % width
+
     spans = batch.spans[seqs].clone()
-    spans[:, 0] = 0
+    spans[:, 0] = new_row[spans[:, 0]]
     return PackedBatch(
-        input_ids=batch.input_ids[row:row + 1], attention_mask=batch.attention_mask[row:row + 1],
-        position_ids=batch.position_ids[row:row + 1], positions=batch.positions[keep] - row * width,
+        input_ids=batch.input_ids[rows_t], attention_mask=batch.attention_mask[rows_t],
+        position_ids=batch.position_ids[rows_t], positions=moved(batch.positions[keep]),
         targets=batch.targets[keep], owner=number[batch.owner[keep]],
-        last_positions=batch.last_positions[seqs] - row * width, margin=None, num_tokens=0, spans=spans,
+        last_positions=moved(batch.last_positions[seqs]), margin=None, num_tokens=0, spans=spans,
         pad_id=batch.pad_id)
+
+
+def _check_rows(batch: PackedBatch) -> list[int]:
+    """The rows a packing check runs on: the one with the longest sequence (where windows matter) and the one
+    with the most sequences (prompts shared, blocks side by side)."""
+    per_row = torch.bincount(batch.spans[:, 0], minlength=batch.input_ids.shape[0])
+    return [int(batch.position_ids.max(-1).values.argmax()), int(per_row.argmax())]
 
 
 def _kwargs(batch: SequenceBatch | PackedBatch, attention_mask=None) -> dict:
@@ -237,9 +251,9 @@ def model_batch(model, batch: PackedBatch) -> tuple[PackedBatch, dict]:
     long = window is not None and int(batch.position_ids.max()) >= window
     packed = _kwargs(batch, packed_attention_mask(config, batch.attention_mask, batch.position_ids))
 
-    def check():  # on the row that holds the longest sequence: its blocks, prompts and windows
+    def check():  # on the rows with the longest sequence and with the most sequences: windows, prompts, blocks
         backbone = _backbone(model)
-        row = _one_row(batch, int(batch.position_ids.max(-1).values.argmax()))
+        row = _some_rows(batch, _check_rows(batch))
         plain = padded_view(row)
         at = torch.cat([row.positions, row.last_positions])
         at_plain = torch.cat([plain.positions, plain.last_positions])
@@ -363,7 +377,7 @@ def _score_shortcut_ok(model, batch: PackedBatch) -> bool:
     """Whether backbone → score head at the last token reproduces the classifier's own forward (checked once,
     on the sequences of the batch's first row, padded one per row)."""
     def check():
-        plain = padded_view(_one_row(batch, 0))
+        plain = padded_view(_some_rows(batch, [0]))
         if not isinstance(getattr(_unwrap(model), "score", None), torch.nn.Module):
             return False, "no score head"
         fast = _head_scores(model, plain, _kwargs(plain))
