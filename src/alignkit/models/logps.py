@@ -38,11 +38,6 @@ class LogProbs:
         """(N,) number of target tokens in each row."""
         return self.mask.sum(-1)
 
-    @property
-    def mean_logps(self) -> torch.Tensor:
-        """(N,) per-token average log-probability (IPO, SimPO)."""
-        return per_token(self.logps, self.lengths)
-
 
 @dataclass
 class SequenceLogps:
@@ -50,10 +45,6 @@ class SequenceLogps:
 
     logps: torch.Tensor    # (N,)
     lengths: torch.Tensor  # (N,) target tokens per sequence
-
-    @property
-    def mean_logps(self) -> torch.Tensor:
-        return per_token(self.logps, self.lengths)
 
 
 def per_token(logps: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
