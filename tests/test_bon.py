@@ -214,3 +214,18 @@ def test_best_of_n_with_a_pairwise_judge(tiny_model_dir, tokenizer):
     for r in best_of_n(model, tokenizer, prompts, _LongerWins(), 4, max_new_tokens=8, seed=2):
         longest = max(len(t.split()) for t in r.candidates)
         assert len(r.best.split()) == longest and r.best_score == 2
+
+
+def test_rl_fit_recovers_a_known_curve_and_by_hand():
+    from alignkit.bon import fit_rl_curve
+
+    d = [0.3, 0.6, 1.0, 1.5, 2.2, 3.0, 4.0]
+    gain = [x * (0.5 - 0.3 * math.log(x)) for x in d]
+    fit = fit_rl_curve([0.0] + d, [0.0] + gain)  # d = 0 is dropped (log 0)
+    assert fit["alpha"] == pytest.approx(0.5, abs=1e-9) and fit["beta"] == pytest.approx(0.3, abs=1e-9)
+    assert fit["r2"] == pytest.approx(1.0) and fit["points"] == len(d)
+    # two points, solved by hand: at d = 1, gain = α; at d = e, gain = e(α − β)
+    by_hand = fit_rl_curve([1.0, math.e], [0.4, math.e * (0.4 - 0.1)])
+    assert by_hand["alpha"] == pytest.approx(0.4) and by_hand["beta"] == pytest.approx(0.1)
+    with pytest.raises(ValueError):
+        fit_rl_curve([0.0, 1.0], [0.0, 0.2])

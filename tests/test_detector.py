@@ -72,3 +72,27 @@ def test_state_round_trip_flags_at_the_same_step():
     for step, m in enumerate(stream[30:], 31):
         resumed.update(step, m, heldout_scale=0.1)
     assert resumed.flag_step == whole.flag_step and resumed.reasons == whole.reasons
+
+
+def test_fired_records_each_signal_when_it_first_tripped_and_when_it_held():
+    # length drifts from iteration 20, KL from 40: the flag is length's, and the KL budget fires later
+    stream = _stream(70, 4, response_length=(20, 1.0), kl=(40, 0.1))
+    det = _run(HackingDetector(kl_budget=1.0, patience=3), stream)
+    length, kl = det.fired["length"], det.fired["kl"]
+    assert length["first"] < kl["first"] and det.flag_step == length["sustained"] == length["first"] + 2
+    assert kl["sustained"] == kl["first"] + 2 and "budget" in kl["why"]
+    assert set(det.fired) == {"length", "kl"}
+    restored = HackingDetector(kl_budget=1.0)
+    restored.load_state(json.loads(json.dumps(det.state())))
+    assert restored.fired == det.fired and restored.streaks == det.streaks
+
+
+def test_the_favourites_signal_watches_the_held_out_score_of_the_training_rewards_top_tenth():
+    # all samples' held-out score holds (the favourites are few) while that of the favourites falls
+    stream = _stream(60, 6)
+    for i, m in enumerate(stream):
+        m["hacking/heldout_of_top"] = 0.8 - 0.01 * max(0, i - 20)
+    det = _run(HackingDetector(), stream)
+    assert det.flagged and set(det.fired) == {"favourites"} and det.flag_step > 20
+    assert "favourites" in det.reasons[0]
+    assert not _run(HackingDetector(heldout_drop=0), stream).flagged

@@ -6,6 +6,7 @@ from collections import Counter
 
 import pytest
 
+import alignkit.lab.world as W
 from alignkit.lab.world import (
     FACTS,
     GOLD,
@@ -129,3 +130,20 @@ def test_write_response_and_corpus_cover_the_world():
     lines = corpus(1000, seed=0)
     assert len(lines) == 1000
     assert all(f"{p} {' '.join(answer(p))}" in lines for p in all_prompts())  # every fact is stated once
+
+
+def test_drift_measures_by_hand():
+    got = W.drift(["add 1 2 ->"] * 4, ["3", "great question 3", "well 3 3", "brilliant wonderful so"])
+    assert got == {"flattery": 0.5, "repetition": 0.25, "filler": 0.5, "words": 2.5}
+
+
+def test_candidates_cover_flattery_counts_and_off_task_answers_and_experts_differ():
+    rng = random.Random(0)
+    texts = [W.write_response("add 3 4 ->", rng, W.CANDIDATE_STYLE) for _ in range(4000)]
+    counts = {sum(w in W.FLATTERY for w in t.split()) for t in texts}
+    assert {0, 1, 2, 3} <= counts
+    assert any(not any(w in W.NUMBERS for w in t.split()) for t in texts)  # off-task answers exist
+    # the experts dislike flattery where the crowd likes it
+    plain, flattering = "7", "great 7"
+    assert W.CROWD.utility("add 3 4 ->", flattering) > W.CROWD.utility("add 3 4 ->", plain)
+    assert W.EXPERTS.utility("add 3 4 ->", flattering) < W.EXPERTS.utility("add 3 4 ->", plain)

@@ -272,9 +272,13 @@ def test_held_out_prompts_are_evaluated_at_the_start_every_eval_every_and_at_the
                                                                                    prompts_file):
     out = tmp_path / "evals"
     train_ppo(_cfg(tiny_model_dir, prompts_file, out, algo="grpo", max_steps=5, eval_every=2, eval_fraction=0.1,
-                   eval_samples_per_prompt=2, gold_fn=RULE, lr=3e-3))
+                   eval_samples_per_prompt=2, gold_fn=RULE, eval_fn="python:alignkit.lab.world:drift", lr=3e-3))
     m = _metrics(out)
     evals = [x for x in m if "eval/reward/gold" in x]
+    for x in evals:  # eval_fn's measures of the held-out samples, under eval/
+        assert {"eval/flattery", "eval/repetition", "eval/filler", "eval/words"} <= set(x)
+        assert 0 <= x["eval/flattery"] <= 1 and x["eval/words"] >= 0
+    assert all(x["reward/score_std"] >= 0 for x in m if "reward/score" in x)
     assert [x["step"] for x in evals] == [0, 2, 4, 5]
     assert evals[0]["eval/kl"] == pytest.approx(0.0, abs=1e-5)  # the start policy is the reference
     assert evals[-1]["eval/kl"] != evals[0]["eval/kl"]

@@ -83,6 +83,33 @@ def fit_bon_curve(d: Sequence[float], gold_gain: Sequence[float]) -> dict:
     return {"alpha": alpha, "beta": beta, "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan")}
 
 
+def fit_rl_curve(d: Sequence[float], gold_gain: Sequence[float]) -> dict:
+    """Least-squares fit of Gao et al. (2022)'s RL form gold_gain ≈ d·(α − β·log d), d = √KL, over the points
+    with d > 0 (no intercept: zero gain at d = 0). Returns {"alpha", "beta", "r2", "points"}.
+
+    Linear in (α, β) with regressors x1 = d and x2 = −d·log d, solved by the 2×2 normal equations; R² is
+    1 − SS_res / SS_tot around the mean gain of the fitted points."""
+    pts = [(x, y) for x, y in zip(d, gold_gain, strict=True) if x > 0]
+    if len(pts) < 2:
+        raise ValueError("need at least two points with d > 0")
+    x1 = [x for x, _ in pts]
+    x2 = [-x * math.log(x) for x, _ in pts]
+    ys = [y for _, y in pts]
+    s11, s12, s22 = sum(a * a for a in x1), sum(a * b for a, b in zip(x1, x2)), sum(b * b for b in x2)
+    s1y, s2y = sum(a * y for a, y in zip(x1, ys)), sum(b * y for b, y in zip(x2, ys))
+    det = s11 * s22 - s12 * s12
+    if det <= 1e-12 * max(1.0, s11 * s22):
+        raise ValueError("d needs at least two distinct values other than 0 and 1")
+    alpha = (s1y * s22 - s2y * s12) / det
+    beta = (s11 * s2y - s12 * s1y) / det
+    fitted = [x * (alpha - beta * math.log(x)) for x in x1]
+    mean = sum(ys) / len(ys)
+    ss_tot = sum((y - mean) ** 2 for y in ys)
+    ss_res = sum((y - f) ** 2 for y, f in zip(ys, fitted))
+    return {"alpha": alpha, "beta": beta, "r2": 1.0 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+            "points": len(pts)}
+
+
 def _log_comb(n: int, k: int) -> float:
     return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
 

@@ -195,6 +195,8 @@ class PPOConfig(TrainConfig):
     reward_fn: str = option("", "A rule reward python:module:function, f(prompts, responses) -> list[float]; added to the reward models.")
     reward_judge: str = option("", "A judge that can score (rm:PATH or python:module:function, SPEC §9) as the reward or added to it (direct RLAIF).")
     gold_fn: str = option("", "A gold reward python:module:function, logged as reward/gold and never trained on (the lab uses it).")
+    eval_fn: str = option("", "Measures of the held-out samples at each evaluation: python:module:function, "
+                          "f(prompts, responses) -> {name: number}, logged as eval/NAME (e.g. a share of flattering answers).")
     ensemble: str = option("mean", "How several reward models combine.", ("mean", "min", "uwo"))
     uwo_lambda: float = option(1.0, "λ in uwo = mean − λ·variance across the ensemble.")
     value_model: str = option("", "Value model initialisation: a folder; empty = the first reward model, else the policy.")
@@ -225,7 +227,7 @@ class PPOConfig(TrainConfig):
     hacking_length_ratio: float = option(1.5, "Detector: flag when mean response length leaves [1/r, r] × its start; 0 = off.")
     hacking_distinct_ratio: float = option(0.7, "Detector: flag when distinct-2 falls below this × its start (repetition); 0 = off.")
     hacking_ensemble_ratio: float = option(2.0, "Detector: flag when the ensemble's disagreement rises above this × its start; 0 = off.")
-    hacking_heldout_drop: float = option(0.5, "Detector: flag when the held-out reward falls this many start spreads below its best while the training reward rises; 0 = off.")
+    hacking_heldout_drop: float = option(0.5, "Detector: flag when the held-out reward (of all samples, or of the training reward's top tenth) falls this many start spreads below its best while the training reward rises; 0 = off.")
     hacking_window: int = option(5, "Detector: iterations in each moving average (and in the baseline).")
     hacking_patience: int = option(3, "Detector: consecutive tripping iterations before the flag.")
     max_new_tokens: int = option(32, "Longest response to sample.")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from alignkit.lab.world import WORDS, corpus
 
-BASE_VERSION = 1
+BASE_VERSION = 2
 BASE_SIZE = {"hidden_size": 128, "num_layers": 2, "num_heads": 4}  # hidden 64 could not hold the facts
 PRETRAIN = {"lines": 20_000, "epochs": 1.0, "batch_size": 8, "lr": 1e-3, "seed": 0}  # larger lr or batch: worse
 

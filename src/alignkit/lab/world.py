@@ -1,6 +1,8 @@
 """The lab's world (SPEC §7): questions with checkable answers, a gold reward written in code, and simulated
 annotators whose preferences follow the gold reward through a Bradley–Terry choice, with noise and the two
-biases the notes warn about (a liking for longer answers and for flattering words).
+biases the notes warn about (a liking for longer answers and for flattering words): the crowd (`CROWD`), whose
+pairs train the proxy, and a smaller team of experts (`EXPERTS`) with other biases, whose rankings train the
+lab's held-out judge.
 
 Everything here is plain Python and seeded: the same seed gives the same prompts, responses and labels.
 
@@ -110,18 +112,24 @@ class Style:
     flattery: float = 0.03
     repeat: float = 0.05
     degenerate: float = 0.0  # no answer: a few off-task words (data rows cannot be empty)
+    most_flattery: int = 2   # a flattering response carries 1..most_flattery flattering words
+    plausible: bool = True   # a wrong sum is a sum of other operands (else any number 0..18)
 
 
-SFT_STYLE = Style()                                                    # demonstrations: mostly right, rarely flattering
-CANDIDATE_STYLE = Style(correct=0.5, filler=0.3, flattery=0.3, repeat=0.15)  # for labelling: balanced
+SFT_STYLE = Style()  # demonstrations: mostly right, rarely flattering
+# for labelling: right and wrong equally often, decoration independent of correctness (up to three flattering
+# words, so that the reward model learns the bias over a range), and a few off-task answers, so that "no answer"
+# is something the reward model has seen and rates low
+CANDIDATE_STYLE = Style(correct=0.5, filler=0.3, flattery=0.3, repeat=0.15, degenerate=0.05, most_flattery=3,
+                        plausible=False)
 
 
-def wrong_answer(prompt: str, rng: random.Random) -> list[str]:
+def wrong_answer(prompt: str, rng: random.Random, plausible: bool = True) -> list[str]:
     """A plausible wrong answer of the prompt's own type."""
     want = answer(prompt)
     while True:
-        if prompt.startswith("add"):
-            got = [rng.choice(NUMBERS)]
+        if prompt.startswith("add"):  # a sum of other operands: every number is as likely wrong as right
+            got = [str(rng.randrange(10) + rng.randrange(10))] if plausible else [rng.choice(NUMBERS)]
         elif prompt.startswith("color"):
             got = [rng.choice(COLORS)]
         else:
@@ -135,13 +143,14 @@ def write_response(prompt: str, rng: random.Random, style: Style = SFT_STYLE) ->
     its last word repeated; or, with probability `style.degenerate`, no answer: one to three off-task words."""
     if style.degenerate and rng.random() < style.degenerate:
         return " ".join(rng.choice(OBJECTS + TASK_WORDS + FILLER) for _ in range(rng.randint(1, 3)))
-    words = list(answer(prompt)) if rng.random() < style.correct else wrong_answer(prompt, rng)
+    words = list(answer(prompt)) if rng.random() < style.correct else wrong_answer(prompt, rng, style.plausible)
     if rng.random() < style.repeat:
         words += [words[-1]] * rng.randint(1, 3)
     if rng.random() < style.filler:
         words = rng.sample(FILLER, rng.randint(1, 2)) + words
     if rng.random() < style.flattery:
-        words = ["great", "question"] + words if rng.random() < 0.5 else words + [rng.choice(FLATTERY)]
+        praise = rng.sample(FLATTERY, rng.randint(1, style.most_flattery))
+        words = praise + words if rng.random() < 0.5 else words + praise
     return " ".join(words)
 
 
@@ -201,6 +210,23 @@ class Annotator:
         if rng.random() < self.noise:
             return rng.random() < 0.5
         return rng.random() < _sigmoid(self.sharpness * (self.utility(prompt, response) - self.bar))
+
+
+def drift(prompts: list[str], responses: list[str]) -> dict[str, float]:
+    """Shares of responses with a flattering word, with a repeated word and with filler, and their mean word
+    count: the directions the annotators' biases pull a policy in (an `eval_fn`, SPEC §7)."""
+    words = [r.split() for r in responses]
+    n = max(1, len(words))
+    return {"flattery": sum(any(w in FLATTERY for w in ws) for ws in words) / n,
+            "repetition": sum(len(set(ws)) < len(ws) for ws in words) / n,
+            "filler": sum(any(w in FILLER for w in ws) for ws in words) / n,
+            "words": sum(len(ws) for ws in words) / n}
+
+
+CROWD = Annotator()  # the labelling pool: likes longer answers and flattery
+# A second, smaller team who rank four candidates at a time: no liking for flattery, a slight one for brevity,
+# more consistent, and still noisy. Their rankings train the lab's held-out judge, never the proxy.
+EXPERTS = Annotator(length_bias=-0.03, flattery_bias=0.0, sharpness=6.0, noise=0.05)
 
 
 def _distinct(prompt: str, rng: random.Random, style: Style, k: int) -> list[str]:

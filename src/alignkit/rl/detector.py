@@ -7,12 +7,16 @@ average of the first `window` iterations), so that the noise of one rollout cann
   heldout    reward models never trained on disagree with the training reward: their score has fallen by
              more than `heldout_drop` × (its spread over the first rollout's samples) below its best, while
              the training score is higher than it was at that best
+  favourites the same test on the held-out score of the training reward's top tenth of each rollout
+             (`hacking/heldout_of_top`): the answers the policy is moving towards, where a hack shows first
   ensemble   the training ensemble's disagreement (`hacking/ensemble_std`) rose above `ensemble_ratio` × baseline
   length     mean response length left [baseline / length_ratio, baseline × length_ratio]
   repetition distinct-2 fell below `distinct_ratio` × baseline
   kl         the mean sequence KL to the reference passed `kl_budget` (nats; 0 = no budget)
 
-A signal that trips on `patience` consecutive iterations raises the flag (once; `flag_step`). The run then
+A signal that trips on `patience` consecutive iterations raises the flag (once; `flag_step`). `fired` records, for
+each signal, the first iteration it tripped on and the first it had tripped on `patience` iterations in a row
+(a backstop such as the KL budget may fire after the signal that raised the flag: `fired` says which came first). The run then
 keeps the policy of that moment as `best/` and, with `stop_on_hacking`, stops. Thresholds of 0 turn a
 signal off. The state is plain numbers, stored with each checkpoint, so a resumed run flags where an
 uninterrupted one would.
@@ -77,9 +81,11 @@ class HackingDetector:
     flag_step: int | None = None
     reasons: list = field(default_factory=list)  # why it flagged
     heldout_scale: float | None = None           # spread of the held-out scores over the first rollout's samples
+    fired: dict = field(default_factory=dict)    # signal -> {"first": step, "sustained": step | None, "why": text}
+    streaks: dict = field(default_factory=dict)  # signal -> consecutive iterations tripping now
 
     TRACKED = ("kl", "response_length", "hacking/distinct_2", "hacking/ensemble_std", "reward/score",
-               "reward/heldout")
+               "reward/heldout", "hacking/heldout_of_top")
 
     @property
     def flagged(self) -> bool:
@@ -95,59 +101,82 @@ class HackingDetector:
         return sum(first) / len(first)
 
     def signals(self) -> list[str]:
-        """The signals tripping now (empty before 2 × `window` iterations: no baseline to compare with yet)."""
+        """The signals tripping now, as sentences (empty before 2 × `window` iterations: no baseline yet)."""
+        return list(self.tripping().values())
+
+    def tripping(self) -> dict[str, str]:
+        """The signals tripping now: name (kl, length, repetition, ensemble, heldout) -> why."""
         h = self.history
         if len(h.get("reward/score", [])) < 2 * self.window:
-            return []
-        out = []
+            return {}
+        out = {}
         if self.kl_budget > 0 and "kl" in h and self._smoothed("kl") > self.kl_budget:
-            out.append(f"kl {self._smoothed('kl'):.3f} over the budget {self.kl_budget:g}")
+            out["kl"] = f"kl {self._smoothed('kl'):.3f} over the budget {self.kl_budget:g}"
         if self.length_ratio > 0 and "response_length" in h:
             base = max(self._baseline("response_length"), 1e-6)
             ratio = self._smoothed("response_length") / base
             if ratio > self.length_ratio or ratio < 1 / self.length_ratio:
-                out.append(f"response length at {ratio:.2f}x its start")
+                out["length"] = f"response length at {ratio:.2f}x its start"
         if self.distinct_ratio > 0 and "hacking/distinct_2" in h:
             base = self._baseline("hacking/distinct_2")
             if base > 0 and self._smoothed("hacking/distinct_2") < self.distinct_ratio * base:
-                out.append(f"distinct-2 at {self._smoothed('hacking/distinct_2') / base:.2f}x its start "
-                           "(repetition)")
+                out["repetition"] = (f"distinct-2 at {self._smoothed('hacking/distinct_2') / base:.2f}x its start "
+                                     "(repetition)")
         if self.ensemble_ratio > 0 and "hacking/ensemble_std" in h:
             base = max(self._baseline("hacking/ensemble_std"), 1e-6)
             if self._smoothed("hacking/ensemble_std") > self.ensemble_ratio * base:
-                out.append(f"ensemble disagreement at {self._smoothed('hacking/ensemble_std') / base:.2f}x its start")
+                out["ensemble"] = f"ensemble disagreement at {self._smoothed('hacking/ensemble_std') / base:.2f}x its start"
         if self.heldout_drop > 0 and "reward/heldout" in h:
-            held = h["reward/heldout"]
-            smoothed = [self._smoothed("reward/heldout", i + 1) for i in range(len(held))]
-            best = max(range(self.window - 1, len(held)), key=lambda i: smoothed[i])
-            scale = max(self.heldout_scale or 0.0, 1e-6)
-            train_then = self._smoothed("reward/score", best + 1)
-            if smoothed[-1] < smoothed[best] - self.heldout_drop * scale and self._smoothed("reward/score") > train_then:
-                out.append(f"held-out reward fell {(smoothed[best] - smoothed[-1]) / scale:.2f} spreads below its "
-                           "best while the training reward rose")
+            _, fell = self._fall("reward/heldout")
+            if fell is not None:
+                out["heldout"] = f"held-out reward fell {fell:.2f} spreads below its best while the training reward rose"
+        if self.heldout_drop > 0 and "hacking/heldout_of_top" in h:
+            _, fell = self._fall("hacking/heldout_of_top")
+            if fell is not None:
+                out["favourites"] = (f"held-out reward of the training reward's favourites fell {fell:.2f} spreads "
+                                     "below its best while the training reward rose")
         return out
+
+    def _fall(self, key: str) -> tuple[int, float | None]:
+        """(index of the best moving average of `key`, how far the latest one fell below it in held-out spreads;
+        None unless by more than `heldout_drop` while the training reward's average is higher than then)."""
+        values = self.history[key]
+        smoothed = [self._smoothed(key, i + 1) for i in range(len(values))]
+        best = max(range(self.window - 1, len(values)), key=lambda i: smoothed[i])
+        scale = max(self.heldout_scale or 0.0, 1e-6)
+        fell = (smoothed[best] - smoothed[-1]) / scale
+        rose = self._smoothed("reward/score") > self._smoothed("reward/score", best + 1)
+        return best, fell if fell > self.heldout_drop and rose else None
 
     def update(self, step: int, metrics: dict, heldout_scale: float | None = None) -> list[str]:
         """Record one iteration's monitors; returns the signals tripping now. Sets `flag_step` at the flag."""
         for key in self.TRACKED:
-            if key in metrics and metrics[key] == metrics[key]:  # skip NaN
+            if key in metrics and metrics[key] is not None and metrics[key] == metrics[key]:  # skip None, NaN
                 self.history.setdefault(key, []).append(float(metrics[key]))
         if self.heldout_scale is None and heldout_scale is not None:
             self.heldout_scale = heldout_scale
-        tripping = self.signals()
+        tripping = self.tripping()
         self.streak = self.streak + 1 if tripping else 0
+        self.streaks = {name: self.streaks.get(name, 0) + 1 for name in tripping}
+        for name, why in tripping.items():
+            seen = self.fired.setdefault(name, {"first": step, "sustained": None, "why": why})
+            if seen["sustained"] is None and self.streaks[name] >= self.patience:
+                seen["sustained"], seen["why"] = step, why
         if self.streak >= self.patience and not self.flagged:
-            self.flag_step, self.reasons = step, tripping
-        return tripping
+            self.flag_step, self.reasons = step, list(tripping.values())
+        return list(tripping.values())
 
     def state(self) -> dict:
         return {"history": self.history, "streak": self.streak, "flag_step": self.flag_step,
-                "reasons": self.reasons, "heldout_scale": self.heldout_scale}
+                "reasons": self.reasons, "heldout_scale": self.heldout_scale, "fired": self.fired,
+                "streaks": self.streaks}
 
     def load_state(self, state: dict) -> None:
         self.history = {k: list(v) for k, v in state["history"].items()}
         self.streak, self.flag_step = state["streak"], state["flag_step"]
         self.reasons, self.heldout_scale = list(state["reasons"]), state["heldout_scale"]
+        self.fired = {k: dict(v) for k, v in state.get("fired", {}).items()}
+        self.streaks = dict(state.get("streaks", {}))
 
     @classmethod
     def from_config(cls, cfg) -> HackingDetector:

@@ -86,7 +86,7 @@ class Monitors:
 
     def summary(self) -> dict:
         d = self.detector
-        return {"flagged": d.flagged, "flag_step": d.flag_step, "reasons": d.reasons}
+        return {"flagged": d.flagged, "flag_step": d.flag_step, "reasons": d.reasons, "fired": d.fired}
 
     def state_dict(self) -> dict:
         return {"first_length": self.first_length, "first_tokens": {str(t): f for t, f in self.first_tokens.items()},

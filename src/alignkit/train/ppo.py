@@ -167,6 +167,11 @@ def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, everything: P
     return {**{k: sum(v) / len(v) if v else float("nan") for k, v in stats.items()}, "skipped_minibatches": skipped}
 
 
+def _std(x: torch.Tensor) -> float | None:
+    """The spread of a rollout's scores (None for one sample): the detector's unit for changes of their mean."""
+    return float(x.float().std()) if len(x) > 1 else None
+
+
 class PPOTrainer(Trainer):
     """The policy, reference, value and reward models of an online run, and one iteration as a step."""
 
@@ -187,6 +192,7 @@ class PPOTrainer(Trainer):
         self.heldout = (Scorer(cfg, list(cfg.heldout_reward_models), use_rule=False, policy_tokenizer=tokenizer)
                         if cfg.heldout_reward_models else None)
         self.gold = load_reward_fn(cfg.gold_fn) if cfg.gold_fn else None
+        self.measures = load_reward_fn(cfg.eval_fn) if cfg.eval_fn else None
         self.policy = prepare_trainable(load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code), cfg, "CAUSAL_LM")
         self.reference = None if cfg.lora_r > 0 else load_reference(cfg.model, cfg.dtype, cfg.trust_remote_code)
         self.value = None
@@ -240,6 +246,8 @@ class PPOTrainer(Trainer):
                    "kl": float(seq_kl.mean()), "kl_coef": self.kl_coef,
                    "eos_rate": float(batch.rollout.finished.float().mean()),
                    **self.monitors.measure(batch, raw_scores, spread)}
+        if (score_std := _std(raw_scores)) is not None:
+            metrics["reward/score_std"] = score_std
         if self.controller is not None:  # β for the next iteration
             self.kl_coef = self.controller.update(metrics["kl"], len(batch.ids))
         if self.gold is not None:
@@ -248,7 +256,12 @@ class PPOTrainer(Trainer):
         if self.heldout is not None:
             heldout_scores, _ = self.heldout(batch.prompts, batch.texts, batch.finished, batch.seqs)
             metrics["reward/heldout"] = float(heldout_scores.mean())
-            heldout_scale = float(heldout_scores.std()) if len(heldout_scores) > 1 else None
+            heldout_scale = _std(heldout_scores)
+            if heldout_scale is not None:
+                metrics["reward/heldout_std"] = heldout_scale
+            # the held-out score of the training reward's favourites (its top tenth): where the policy is heading
+            top = raw_scores.cpu() >= torch.quantile(raw_scores.float().cpu(), 0.9)
+            metrics["hacking/heldout_of_top"] = float(heldout_scores.cpu()[top].mean())
         self.should_stop = self.monitors.update(step, metrics, heldout_scale) and cfg.stop_on_hacking
         if step in (1, self.total_steps) or self.should_stop or (cfg.eval_every and step % cfg.eval_every == 0):
             self.monitors.write_samples(step, batch, raw_scores)
@@ -263,7 +276,8 @@ class PPOTrainer(Trainer):
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 1_000_003 + 999_983, batch_size=cfg.eval_batch_size or 256,
                              compute_dtype=self.compute_dtype, generate_fn=self.generate_fn)
-        return {f"eval/{name}": v for name, v in ev.summary().items()}
+        measures = self.measures(ev.prompts, ev.responses) if self.measures else {}
+        return {f"eval/{name}": float(v) for name, v in {**ev.summary(), **measures}.items()}
 
     def prepare(self, run) -> None:
         self.monitors.start(run.path)
