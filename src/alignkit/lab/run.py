@@ -29,8 +29,8 @@ from alignkit.lab import world as W
 from alignkit.lab.base import base_model
 
 PRESETS = {
-    "quick": {"sft_demos": 2000, "pairs": 6000, "rm_epochs": 2, "ensemble_size": 3, "expert_rankings": 2000,
-              "judge_epochs": 3, "rl_algo": "ppo", "rl_steps": 60, "rl_rollouts": 256, "rl_lr": 3e-4, "kl_coef": 0.5,
+    "quick": {"sft_demos": 2000, "pairs": 6000, "rm_epochs": 3, "ensemble_size": 3, "expert_rankings": 2000,
+              "judge_epochs": 3, "rl_algo": "ppo", "rl_steps": 80, "rl_rollouts": 256, "rl_lr": 3e-4, "kl_coef": 0.5,
               "kl_budget": 3.0, "eval_every": 5, "eval_samples": 8, "bon_samples": 64,
               "bon_ns": (1, 2, 4, 8, 16, 32, 64), "beta": 0.5, "direct_lr": 1e-4, "direct_epochs": 1,
               "kl_sweep": (), "beta_sweep": ()},
