@@ -27,7 +27,7 @@ from alignkit.config import (
     load_yaml,
     unknown_field_error,
 )
-from alignkit.errors import TrainingError, UserError
+from alignkit.errors import PREEMPTED_STATUS, Preempted, TrainingError, UserError
 
 # command -> (config class, "module:function" that runs it, one-line description)
 TRAIN_COMMANDS = {
@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as e:
         print(f"alignkit: stopped: {e}", file=sys.stderr)
         return 1
+    except Preempted as e:
+        print(f"alignkit: {e}", file=sys.stderr)
+        return PREEMPTED_STATUS
     except KeyboardInterrupt:
         print("alignkit: interrupted", file=sys.stderr)
         return 130

@@ -16,3 +16,11 @@ class DataError(UserError):
 
 class TrainingError(Exception):
     """A run that cannot go on (e.g. too many non-finite steps in a row). Printed without a traceback, exit 1."""
+
+
+class Preempted(Exception):
+    """A run stopped by SIGTERM or SIGINT after writing a checkpoint at the end of its current step. The CLI prints
+    it and exits with status 75 (EX_TEMPFAIL: try again); the same command resumes exactly."""
+
+
+PREEMPTED_STATUS = 75

@@ -29,9 +29,10 @@ from typing import Any
 import torch
 
 from alignkit.data.collate import to_device
-from alignkit.errors import UserError
+from alignkit.errors import Preempted, UserError
 from alignkit.models.load import default_device, trainable_parameters, training_dtypes
 from alignkit.models.precision import autocast_context
+from alignkit.train.preempt import Preemption
 from alignkit.train.run import MetricsLog, RunDir, check_single_process, count_bad_steps, seed_everything
 
 # RunDir and seed_everything live in alignkit.train.run; named here too for the trainers that import them from the loop
@@ -360,9 +361,26 @@ def run(cfg, trainer: Trainer) -> dict:
 
     bar = tqdm(total=steps, initial=start, desc=f"alignkit {trainer.name}", unit=unit, disable=None,
                dynamic_ncols=True, file=sys.stderr)
+    loop_start = time.perf_counter()
+    with Preemption() as preemption:
+        step, last = _loop(cfg, trainer, run_dir, optimizer, scheduler, state, log, bar, start, last, preemption)
+    bar.close()
+    log.close()
+    loop_seconds = time.perf_counter() - loop_start
+    trainer.save_final(run_dir.final)
+    run_dir.mark_done(step=step, metrics=last, loop_seconds=loop_seconds, steps_this_process=step - start,
+                      **trainer.summary())
+    print(f"alignkit {trainer.name}: done, {step} {unit}s; final model in {run_dir.final}")
+    return last
+
+
+def _loop(cfg, trainer: Trainer, run_dir: RunDir, optimizer, scheduler, state: dict, log, bar, start: int, last: dict,
+          preemption: Preemption) -> tuple[int, dict]:
+    """Steps start + 1 … total: train, log, evaluate, checkpoint; returns (last step, last logged metrics). On
+    SIGTERM/SIGINT it checkpoints after the current step and raises `Preempted`."""
+    steps, unit, modules = trainer.total_steps, trainer.unit, trainer.modules
     window: list[dict] = []
     window_tokens, window_seconds = 0, 0.0
-    loop_start = time.perf_counter()
     step = start
     for step in range(start + 1, steps + 1):
         lr = scheduler.get_last_lr()[0]  # the rate this step uses (logged as such)
@@ -397,17 +415,16 @@ def run(cfg, trainer: Trainer) -> dict:
             last.update(result)
         if record:
             log.log(step, record)  # one object per logged step: training and evaluation metrics together
-        if cfg.save_every and step % cfg.save_every == 0 and not last_step and state["consecutive_bad"] == 0:
-            run_dir.save_checkpoint(step, modules, optimizer, scheduler, {**state, "trainer": trainer.state_dict()},
-                                    cfg.keep_checkpoints)
+        saved = cfg.save_every and step % cfg.save_every == 0 and not last_step and state["consecutive_bad"] == 0
+        if saved or (preemption.received and not last_step):
+            path = run_dir.save_checkpoint(step, modules, optimizer, scheduler,
+                                           {**state, "trainer": trainer.state_dict()}, cfg.keep_checkpoints)
+            if preemption.received:
+                bar.close()
+                log.close()
+                raise Preempted(f"{preemption.received} received: stopped after {unit} {step} of {steps} with a "
+                                f"checkpoint in {path}; run the same command again to resume")
         if stop:
             print(f"alignkit {trainer.name}: stopping at {unit} {step} (the trainer asked to stop)", file=sys.stderr)
             break
-    bar.close()
-    log.close()
-    loop_seconds = time.perf_counter() - loop_start
-    trainer.save_final(run_dir.final)
-    run_dir.mark_done(step=step, metrics=last, loop_seconds=loop_seconds, steps_this_process=step - start,
-                      **trainer.summary())
-    print(f"alignkit {trainer.name}: done, {step} {unit}s; final model in {run_dir.final}")
-    return last
+    return step, last
