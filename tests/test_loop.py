@@ -236,20 +236,26 @@ def test_length_grouped_order_covers_each_epoch_and_groups_lengths():
     assert DataOrder(400, 8, seed=1, lengths=lengths).batch(7) == epoch[7]
 
 
-def test_a_multi_process_launch_is_refused_before_anything_is_written(tmp_path, tiny_model_dir, monkeypatch, capsys):
-    """`accelerate launch --num_processes 2` sets WORLD_SIZE=2: each process would train its own copy into one
-    folder, so the run refuses (exit 2, one line, no traceback) and writes nothing."""
+@pytest.mark.parametrize("command", ["kto", "ppo"])
+def test_a_multi_process_launch_of_a_trainer_without_it_is_refused_before_anything_is_written(
+        tmp_path, tiny_model_dir, monkeypatch, capsys, command):
+    """`accelerate launch --num_processes 2` sets WORLD_SIZE=2: kto and ppo do not run on several processes yet,
+    so they refuse (exit 2, one line saying why, no traceback) and write nothing."""
     from alignkit.cli import main
 
-    data = _write_run_inputs(tmp_path, "sft")
+    data = _write_run_inputs(tmp_path, "pairwise")
+    extra = ["--reward-fn", "python:alignkit.examples:good_word_share", "--rollout-batch-size", "2",
+             "--max-new-tokens", "4"] if command == "ppo" else []
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "run"
-    assert main(["sft", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out), "--max-steps", "1"]) == 2
+    argv = [command, "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
+            *extra]
+    assert main(argv) == 2
     err = capsys.readouterr().err
-    assert "multi-process training is not supported yet" in err and "Traceback" not in err
+    assert "launched as 2 processes" in err and "cannot run on several" in err and "Traceback" not in err
     assert not out.exists()
     monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main(["sft", "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out), "--max-steps", "1"]) == 0
+    assert main(argv) == 0
 
 
 def test_resume_never_removes_every_artefact_of_the_previous_run(tmp_path, tiny_model_dir):

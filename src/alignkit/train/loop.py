@@ -32,8 +32,9 @@ from alignkit.data.collate import to_device
 from alignkit.errors import Preempted, UserError
 from alignkit.models.load import default_device, trainable_parameters, training_dtypes
 from alignkit.models.precision import autocast_context
+from alignkit.train.dist import ONE, Processes, launched_size
 from alignkit.train.preempt import Preemption
-from alignkit.train.run import MetricsLog, RunDir, check_single_process, count_bad_steps, seed_everything
+from alignkit.train.run import MetricsLog, RunDir, count_bad_steps, rng_state, seed_everything
 
 # RunDir and seed_everything live in alignkit.train.run; named here too for the trainers that import them from the loop
 __all__ = ["DataOrder", "RunDir", "StepOutput", "Task", "Trainer", "fit", "run", "seed_everything", "train_step"]
@@ -52,6 +53,9 @@ class Trainer:
     should_stop: bool = False            # stop after this step (e.g. the hacking detector's stop_on_hacking)
     evaluates: bool = False              # whether `evaluate` has anything to evaluate
     nan_hint: str = "lower the learning rate, check the data"  # what to try after too many non-finite steps
+    procs: Processes = ONE               # this process among the run's (set by `run`)
+    supports_processes: bool = False     # whether it runs on several processes (`accelerate launch`)
+    single_process_reason: str = "it does not run on several processes yet"
 
     def prepare(self, run: RunDir) -> None:
         """Once the run folder exists and a checkpoint (if any) is loaded, before the first step."""
@@ -111,6 +115,7 @@ class Task:
     # (without gradients), and passed to `loss` as `context` (e.g. KTO's reference point). Only computed
     # when a step has several micro-batches: with one, `loss` gets context None and computes it itself.
     step_context: Callable[[torch.nn.Module, list], Any] | None = None
+    single_process: str = ""  # why this task cannot run on several processes yet ("" = it can)
 
 
 # ------------------------------------------------------------------------------------------- data order
@@ -192,9 +197,11 @@ def build_scheduler(optimizer, cfg, total: int):
 
 # ------------------------------------------------------------------------------------------- one step
 def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float,
-               compute_dtype: torch.dtype | None = None) -> dict:
+               compute_dtype: torch.dtype | None = None, procs: Processes = ONE) -> dict:
     """One optimizer step over micro-batches. The loss is normalised by the loss units of *all* of them,
-    so k micro-batches × accumulation give exactly the gradient of one batch of their union.
+    so k micro-batches × accumulation give exactly the gradient of one batch of their union — and, with
+    several processes (`procs`), the units, gradients and metrics are summed over the processes first, so that
+    their micro-batches count as one batch too.
 
     Returns the step's metrics, with `finite` False — and no update made — for a NaN/Inf loss or gradient.
     A step with no loss units (nothing to learn) updates nothing.
@@ -205,7 +212,7 @@ def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float
     if task.step_context is not None and len(batches) > 1:
         with torch.no_grad(), autocast_context(compute_dtype):
             context = task.step_context(model, batches)
-    total_units = sum(task.units(b) for b in batches)
+    total_units = int(procs.sum([sum(task.units(b) for b in batches)])[0])
     sums: dict[str, list[float]] = {}
     loss_sum = 0.0
     for batch in batches:
@@ -218,6 +225,11 @@ def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float
             acc[0] += s
             acc[1] += c
     params = [p for p in model.parameters() if p.requires_grad]
+    procs.sum_grads(params)
+    if procs.size > 1:  # every process needs every metric's name, in one order, to sum them
+        names = sorted(set().union(*procs.gather_names(sorted(sums))))
+        flat = procs.sum([loss_sum] + [v for n in names for v in sums.get(n, [0.0, 0.0])])
+        loss_sum, sums = flat[0], {n: flat[1 + 2 * i:3 + 2 * i] for i, n in enumerate(names)}
     grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
     finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
     if finite and total_units > 0:
@@ -266,12 +278,17 @@ class BatchTrainer(Trainer):
             raise UserError("no training examples are left (all rows were held out or dropped)")
         self.cfg, self.task, self.name, self.modules = cfg, task, task.name, task.model
         lengths = [len(x) for x in task.train_examples] if cfg.group_by_length else None
-        self.order = DataOrder(len(task.train_examples), cfg.batch_size, cfg.seed, lengths)
+        self.processes = launched_size()  # batch_size is per process: the data order is of the global batch
+        self.order = DataOrder(len(task.train_examples), cfg.batch_size * self.processes, cfg.seed, lengths)
+        self.supports_processes = not task.single_process
+        self.single_process_reason = task.single_process
         self.total_steps = total_steps(cfg, self.order)
         self.compute_dtype = training_dtypes(cfg.dtype)[1]
         self.evaluates = bool(task.eval_examples)
         # what fixes the data order and the schedule: a checkpoint only resumes a run with the same values
-        self.settings = {"batch_size": cfg.batch_size, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
+        # (batch_size: the global micro-batch, batch_size × processes, so that a checkpoint resumes under another
+        # process count when the product is the same)
+        self.settings = {"batch_size": cfg.batch_size * self.processes, "grad_accum": cfg.grad_accum, "seed": cfg.seed,
                          "num_examples": len(task.train_examples), "total_steps": self.total_steps,
                          "group_by_length": cfg.group_by_length, "lr": cfg.lr, "lr_schedule": cfg.lr_schedule,
                          "warmup_steps": cfg.warmup_steps}
@@ -283,10 +300,12 @@ class BatchTrainer(Trainer):
     def step(self, step: int, optimizer) -> dict:
         task, accum = self.task, self.cfg.grad_accum
         first = (step - 1) * accum
-        batches = [task.collate([task.train_examples[i] for i in self.order.batch(k)])
-                   for k in range(first, first + accum)]
-        metrics = train_step(task.model, optimizer, batches, task, self.cfg.max_grad_norm, self.compute_dtype)
-        return {**metrics, "tokens": sum(task.tokens(b) for b in batches), "epoch": self.order.epoch(step * accum)}
+        shards = [self.procs.shard(self.order.batch(k)) for k in range(first, first + accum)]
+        batches = [task.collate([task.train_examples[i] for i in shard]) for shard in shards if shard]
+        metrics = train_step(task.model, optimizer, batches, task, self.cfg.max_grad_norm, self.compute_dtype,
+                             self.procs)
+        tokens = int(self.procs.sum([sum(task.tokens(b) for b in batches)])[0])
+        return {**metrics, "tokens": tokens, "epoch": self.order.epoch(step * accum)}
 
     def derive(self, metrics: dict) -> dict:
         return self.task.derive(metrics) if self.task.derive is not None else {}
@@ -325,8 +344,10 @@ def window_average(window: list[dict], latest: tuple[str, ...]) -> dict:
 
 
 def run(cfg, trainer: Trainer) -> dict:
-    """Run `trainer` as `cfg` says; return the last logged metrics. Resumes from the newest checkpoint."""
-    check_single_process()
+    """Run `trainer` as `cfg` says; return the last logged metrics. Resumes from the newest checkpoint.
+    Under a launcher (`accelerate launch`), every process runs this; only the main one writes."""
+    check_processes(trainer)
+    procs = trainer.procs = Processes.start()
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     run_dir = RunDir(cfg.output_dir)
@@ -340,18 +361,24 @@ def run(cfg, trainer: Trainer) -> dict:
     optimizer = build_optimizer(modules, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)
 
-    checkpoint = run_dir.start(cfg, resume)
+    if procs.main:
+        run_dir.start(cfg, resume)
+    procs.barrier()
+    checkpoint = run_dir.resume_point(resume)
     state = {"consecutive_bad": 0, "skipped_steps": 0, "shape": trainer.settings}
     start = 0
     if checkpoint is not None:
         RunDir.check_settings(checkpoint, trainer.settings)
         state = RunDir.load_checkpoint(checkpoint, modules, optimizer, scheduler)
+        RunDir.restore_process_rng(state, procs.rank, procs.size)
         start = state.pop("step")
         trainer.load_state_dict(state.pop("trainer", {}))
-        print(f"resuming from {checkpoint} ({unit} {start} of {steps})", file=sys.stderr)
-    run_dir.cut_logs(start)
+        if procs.main:
+            print(f"resuming from {checkpoint} ({unit} {start} of {steps})", file=sys.stderr)
+    if procs.main:
+        run_dir.cut_logs(start)
     trainer.prepare(run_dir)
-    log = MetricsLog(run_dir, cfg.report_to, start)
+    log = MetricsLog(run_dir, cfg.report_to, start) if procs.main else NoLog()
 
     last: dict = {}
     if start == 0 and trainer.evaluates and cfg.eval_every > 0:
@@ -359,19 +386,40 @@ def run(cfg, trainer: Trainer) -> dict:
 
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=steps, initial=start, desc=f"alignkit {trainer.name}", unit=unit, disable=None,
-               dynamic_ncols=True, file=sys.stderr)
+    bar = tqdm(total=steps, initial=start, desc=f"alignkit {trainer.name}", unit=unit,
+               disable=None if procs.main else True, dynamic_ncols=True, file=sys.stderr)
     loop_start = time.perf_counter()
     with Preemption() as preemption:
         step, last = _loop(cfg, trainer, run_dir, optimizer, scheduler, state, log, bar, start, last, preemption)
     bar.close()
     log.close()
     loop_seconds = time.perf_counter() - loop_start
-    trainer.save_final(run_dir.final)
-    run_dir.mark_done(step=step, metrics=last, loop_seconds=loop_seconds, steps_this_process=step - start,
-                      **trainer.summary())
-    print(f"alignkit {trainer.name}: done, {step} {unit}s; final model in {run_dir.final}")
+    if procs.main:
+        trainer.save_final(run_dir.final)
+        run_dir.mark_done(step=step, metrics=last, loop_seconds=loop_seconds, steps_this_process=step - start,
+                          processes=procs.size, **trainer.summary())
+        print(f"alignkit {trainer.name}: done, {step} {unit}s; final model in {run_dir.final}")
+    procs.barrier()
     return last
+
+
+class NoLog:
+    """What the processes other than the main one log: nothing."""
+
+    def log(self, step: int, metrics: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def check_processes(trainer: Trainer) -> None:
+    """Refuse a multi-process launch for a trainer that does not support it, before anything is written."""
+    size = launched_size()
+    if size > 1 and not trainer.supports_processes:
+        raise UserError(f"this run was launched as {size} processes (WORLD_SIZE={size}), but {trainer.name} "
+                        f"cannot run on several: {trainer.single_process_reason}; launch one process "
+                        "(plain `alignkit ...`)")
 
 
 def _loop(cfg, trainer: Trainer, run_dir: RunDir, optimizer, scheduler, state: dict, log, bar, start: int, last: dict,
@@ -415,14 +463,20 @@ def _loop(cfg, trainer: Trainer, run_dir: RunDir, optimizer, scheduler, state: d
             last.update(result)
         if record:
             log.log(step, record)  # one object per logged step: training and evaluation metrics together
+        procs = trainer.procs
+        signalled = procs.any(preemption.received is not None) and not last_step
         saved = cfg.save_every and step % cfg.save_every == 0 and not last_step and state["consecutive_bad"] == 0
-        if saved or (preemption.received and not last_step):
-            path = run_dir.save_checkpoint(step, modules, optimizer, scheduler,
-                                           {**state, "trainer": trainer.state_dict()}, cfg.keep_checkpoints)
-            if preemption.received:
+        if saved or signalled:
+            path = run_dir.checkpoints / f"step-{step}"
+            rngs = {"rngs": procs.gather(rng_state())} if procs.size > 1 else {}
+            if procs.main:
+                run_dir.save_checkpoint(step, modules, optimizer, scheduler,
+                                        {**state, **rngs, "trainer": trainer.state_dict()}, cfg.keep_checkpoints)
+            procs.barrier()
+            if signalled:
                 bar.close()
                 log.close()
-                raise Preempted(f"{preemption.received} received: stopped after {unit} {step} of {steps} with a "
+                raise Preempted(f"{preemption.received or 'a signal to another process'} received: stopped after {unit} {step} of {steps} with a "
                                 f"checkpoint in {path}; run the same command again to resume")
         if stop:
             print(f"alignkit {trainer.name}: stopping at {unit} {step} (the trainer asked to stop)", file=sys.stderr)

@@ -90,4 +90,8 @@ def preference_task(cfg, name: str, tokenizer, train: list[PrefExample], evals: 
         save_final=lambda path: save_pretrained_atomic(model, tokenizer, path, cfg.lora_save),
         prepare=prepare,
         step_context=(lambda m, batches: step_context(m, batches, reference)) if step_context is not None else None,
+        single_process=("kto's reference point pairs each micro-batch's prompts with its other completions, so N "
+                        "processes would not make the update of one" if step_context is not None else
+                        "precompute_ref writes one file of reference log-probs; run with --precompute-ref false"
+                        if reference is not None and cfg.precompute_ref else ""),
     )

@@ -54,15 +54,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
 
 
-def check_single_process() -> None:
-    """Refuse a multi-process launch (`accelerate launch --num_processes 2`, `torchrun`): each process would
-    train its own copy on all the data, unsynchronised, into one folder. Called before anything is written."""
-    world = os.environ.get("WORLD_SIZE", "1")
-    if world.strip().isdigit() and int(world) > 1:
-        raise UserError(f"this run was launched as {world} processes (WORLD_SIZE={world}); multi-process training "
-                        "is not supported yet: launch one process (plain `alignkit ...`)")
-
-
 # ------------------------------------------------------------------------------------------- run folder
 class RunDir:
     """OUTPUT_DIR with config.yaml, metrics.jsonl, checkpoints/step-N/ and final/ (SPEC §6)."""
@@ -106,7 +97,8 @@ class RunDir:
         return sorted(steps)
 
     def start(self, cfg, resume: str) -> Path | None:
-        """Create the folder and write config.yaml; return the checkpoint to resume from (or None)."""
+        """Create the folder and write config.yaml; return the checkpoint to resume from (or None). (Under
+        several processes the main one calls this, the others `resume_point` after it.)"""
         import yaml
 
         if resume not in ("auto", "never") and not (Path(resume) / "state.json").is_file():
@@ -120,6 +112,12 @@ class RunDir:
         os.replace(tmp, self.path / "config.yaml")
         for leftover in self.checkpoints.glob(".step-*") if self.checkpoints.is_dir() else []:
             shutil.rmtree(leftover, ignore_errors=True)  # half-written by a killed run: never used
+        return self.resume_point(resume)
+
+    def resume_point(self, resume: str) -> Path | None:
+        """The checkpoint a start with `resume` continues from (None: from the beginning); reads only."""
+        if resume not in ("auto", "never") and not (Path(resume) / "state.json").is_file():
+            raise UserError(f'field "resume": {resume} is not a complete checkpoint folder')
         if resume == "never":
             return None
         if resume != "auto":
@@ -190,6 +188,14 @@ class RunDir:
         state = json.loads((path / "state.json").read_text())
         set_rng_state(state.pop("rng"))
         return state
+
+    @staticmethod
+    def restore_process_rng(state: dict, rank: int, size: int) -> None:
+        """Under several processes, each restores its own RNG state (`rngs`, one per process, saved by the main
+        process); a checkpoint of another process count keeps the main process's for every one."""
+        rngs = state.pop("rngs", None)
+        if rngs is not None and len(rngs) == size:
+            set_rng_state(rngs[rank])
 
 
 def count_bad_steps(state: dict, finite: bool, step: int, max_bad_steps: int, run: RunDir, closing=(),

@@ -1,0 +1,125 @@
+"""Several processes (SPEC §12): `accelerate launch --num_processes 2 -m alignkit COMMAND` with `batch_size` b
+makes the updates of one process with batch 2b — same logged losses and final weights up to the order of float
+additions — for the trainers that run on several processes (sft, reward, dpo); the others refuse (test_loop.py).
+
+On a machine without GPUs the processes are started with `--multi_gpu` (torchrun); alignkit then joins them over
+gloo. Each test launches real processes (seconds each)."""
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from alignkit.examples import pairwise_rows, sft_rows, write_jsonl
+
+ACCELERATE = shutil.which("accelerate") or str(__import__("pathlib").Path(sys.executable).with_name("accelerate"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _argv(command, model, data, out, batch_size):
+    argv = [command, "--model", model, "--data", data, "--output-dir", out, "--max-steps", "6", "--lr", "1e-3",
+            "--log-every", "1", "--seed", "3", "--max-length", "64", "--max-prompt-length", "32", "--grad-accum", "2",
+            "--batch-size", str(batch_size), "--eval-fraction", "0.1", "--eval-every", "3", "--save-every", "0"]
+    return argv + (["--precompute-ref", "false"] if command == "dpo" else [])
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
+def test_two_processes_make_the_updates_of_one_with_the_doubled_batch(tmp_path, harness, command):
+    from alignkit.examples import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "model"))
+    rows = sft_rows(120, seed=1) if command == "sft" else pairwise_rows(120, seed=1)
+    data = str(write_jsonl(tmp_path / "data.jsonl", rows))
+    one, two = tmp_path / "one", tmp_path / "two"
+    harness.alignkit(_argv(command, model, data, one, 8))
+    launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
+              "-m", "alignkit", *_argv(command, model, data, two, 4)]
+    done = subprocess.run(launch, env=harness.env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _metrics(one), _metrics(two)
+    assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3, 4, 5, 6]
+    for x, y in zip(a, b):
+        for key in x:
+            if "loss" in key or key in ("grad_norm", "epoch") or key.startswith("rewards/"):
+                assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key)
+    harness.assert_same_final_weights(one, two, atol=1e-4)
+    assert json.loads((two / "final" / "alignkit_run.json").read_text())["processes"] == 2
+    assert b[-1]["tokens_per_s"] > 0 and "epoch" in b[-1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below `pid` (from /proc: children of children too)."""
+    from pathlib import Path
+
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _launch(harness, argv, port=None):
+    return [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port",
+            str(port or _free_port()), "-m", "alignkit", *argv]
+
+
+@pytest.mark.slow
+def test_kill_9_of_a_two_process_run_then_rerun_gives_the_weights_of_an_uninterrupted_one(tmp_path, harness):
+    """Both processes killed (the launcher's process group) after a checkpoint; the same launch again resumes, each
+    process with its own RNG state (dropout on), and ends where a run never interrupted ends."""
+    import os
+    import signal
+    import time
+
+    from alignkit.examples import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "model", attention_dropout=0.1))
+    data = str(write_jsonl(tmp_path / "data.jsonl", sft_rows(120, seed=1)))
+
+    def argv(out):
+        return [*_argv("sft", model, data, out, 4)[:-2], "--save-every", "3", "--max-steps", "12"]
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    done = subprocess.run(_launch(harness, argv(straight)), env=harness.env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(_launch(harness, argv(killed)), env=harness.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline and not (killed / "checkpoints" / "step-6").is_dir():
+        time.sleep(0.02)
+    assert proc.poll() is None, "the run ended before the kill"
+    for pid in [proc.pid, *_descendants(proc.pid)]:  # the launcher and its workers (torchrun's own sessions)
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    time.sleep(0.5)
+    assert not (killed / "final").exists()
+    again = subprocess.run(_launch(harness, argv(killed)), env=harness.env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from" in again.stderr + again.stdout, (again.stdout, again.stderr)
+    harness.assert_same_final_weights(straight, killed, atol=1e-6)
