@@ -31,22 +31,28 @@ def _argv(command, model, data, out, batch_size):
     return argv + (["--precompute-ref", "false"] if command == "dpo" else [])
 
 
+def _argv_dpo_precomputed(model, data, out, batch_size):
+    return [*_argv("dpo", model, data, out, batch_size)[:-2], "--precompute-ref", "true"]
+
+
 def _metrics(run):
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", ["sft", "reward", "dpo"])
-def test_two_processes_make_the_updates_of_one_with_the_doubled_batch(tmp_path, harness, command):
+@pytest.mark.parametrize("variant", ["sft", "reward", "dpo", "dpo-precomputed"])
+def test_two_processes_make_the_updates_of_one_with_the_doubled_batch(tmp_path, harness, variant):
     from alignkit.examples import make_tiny_model
 
     model = str(make_tiny_model(tmp_path / "model"))
+    command = "dpo" if variant == "dpo-precomputed" else variant
     rows = sft_rows(120, seed=1) if command == "sft" else pairwise_rows(120, seed=1)
     data = str(write_jsonl(tmp_path / "data.jsonl", rows))
     one, two = tmp_path / "one", tmp_path / "two"
-    harness.alignkit(_argv(command, model, data, one, 8))
+    argv = _argv_dpo_precomputed if variant == "dpo-precomputed" else lambda *a: _argv(command, *a)
+    harness.alignkit(argv(model, data, one, 8))
     launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", str(_free_port()),
-              "-m", "alignkit", *_argv(command, model, data, two, 4)]
+              "-m", "alignkit", *argv(model, data, two, 4)]
     done = subprocess.run(launch, env=harness.env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     a, b = _metrics(one), _metrics(two)
@@ -58,6 +64,13 @@ def test_two_processes_make_the_updates_of_one_with_the_doubled_batch(tmp_path, 
     harness.assert_same_final_weights(one, two, atol=1e-4)
     assert json.loads((two / "final" / "alignkit_run.json").read_text())["processes"] == 2
     assert b[-1]["tokens_per_s"] > 0 and "epoch" in b[-1]
+    if variant == "dpo-precomputed":  # computed in two halves, summed, written once by the main process
+        from safetensors.torch import load_file
+
+        ref_one, ref_two = load_file(one / "ref_logps.safetensors"), load_file(two / "ref_logps.safetensors")
+        assert set(ref_one) == set(ref_two)
+        for split in ref_one:
+            assert ref_two[split].allclose(ref_one[split], atol=1e-4) and (ref_two[split] != 0).all()
 
 
 def _descendants(pid: int) -> list[int]:

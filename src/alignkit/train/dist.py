@@ -58,6 +58,12 @@ class Processes:
         torch.distributed.all_reduce(t)
         return t.tolist()
 
+    def sum_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """`t` summed element-wise over the processes (in place; returned)."""
+        if self.size > 1:
+            torch.distributed.all_reduce(t)
+        return t
+
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
         """Sum the gradients over the processes, in one flat buffer (a parameter without a gradient counts 0)."""
         if self.size == 1 or not params:

@@ -109,7 +109,7 @@ class Task:
     tokens: Callable[[Any], int]             # real tokens in a batch, for tokens_per_s
     save_final: Callable[[Path], None]
     eval_examples: list | None = None
-    prepare: Callable[[RunDir], None] | None = None  # once the run folder exists (e.g. reference log-probs)
+    prepare: Callable[[RunDir, Processes], None] | None = None  # once the run folder exists (e.g. reference log-probs)
     derive: Callable[[dict], dict] | None = None      # metrics computed from aggregated ones (e.g. margins)
     # a quantity of the whole optimizer step computed before its loss pass, over all of its micro-batches
     # (without gradients), and passed to `loss` as `context` (e.g. KTO's reference point). Only computed
@@ -295,7 +295,7 @@ class BatchTrainer(Trainer):
 
     def prepare(self, run: RunDir) -> None:
         if self.task.prepare is not None:
-            self.task.prepare(run)
+            self.task.prepare(run, self.procs)
 
     def step(self, step: int, optimizer) -> dict:
         task, accum = self.task, self.cfg.grad_accum

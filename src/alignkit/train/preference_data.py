@@ -73,10 +73,10 @@ def preference_task(cfg, name: str, tokenizer, train: list[PrefExample], evals: 
     pad = tokenizer.pad_token_id
     collate = lambda xs: collate_preference(xs, pad, cfg.prefix_sharing)  # noqa: E731
 
-    def prepare(run):
+    def prepare(run, procs):
         if reference is not None and cfg.precompute_ref:
             precompute_reference(cfg, reference, {"train": train, "eval": evals}, collate,
-                                 run.path / "ref_logps.safetensors")
+                                 run.path / "ref_logps.safetensors", procs)
 
     return Task(
         name=name,
@@ -91,7 +91,5 @@ def preference_task(cfg, name: str, tokenizer, train: list[PrefExample], evals: 
         prepare=prepare,
         step_context=(lambda m, batches: step_context(m, batches, reference)) if step_context is not None else None,
         single_process=("kto's reference point pairs each micro-batch's prompts with its other completions, so N "
-                        "processes would not make the update of one" if step_context is not None else
-                        "precompute_ref writes one file of reference log-probs; run with --precompute-ref false"
-                        if reference is not None and cfg.precompute_ref else ""),
+                        "processes would not make the update of one" if step_context is not None else ""),
     )

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from alignkit.data.collate import to_device
 from alignkit.models.load import default_device, load_reference
 from alignkit.models.logps import SequenceLogps, pair_logps
+from alignkit.train.dist import ONE, Processes
 
 
 class Reference:
@@ -86,35 +87,40 @@ def _fingerprint(cfg, examples: list) -> str:
     return h.hexdigest()
 
 
-def precompute_reference(cfg, reference: Reference, splits: dict[str, list], collate, path: Path) -> None:
+def precompute_reference(cfg, reference: Reference, splits: dict[str, list], collate, path: Path,
+                         procs: Processes = ONE) -> None:
     """Fill `ref_logps` of every example in `splits` (name → list, updated in place), from `path` when it
-    holds the same fingerprint, else by running the reference once (then saved to `path`)."""
+    holds the same fingerprint, else by running the reference once (then saved to `path`). Under several
+    processes (`procs`) each computes every size-th example (by length order), the values are summed across
+    processes (each example filled by one), and the main process writes the file."""
     fingerprint = _fingerprint(cfg, [ex for examples in splits.values() for ex in examples])
     stored = {}
     if path.is_file():
         with safe_open(str(path), framework="pt") as f:
             if (f.metadata() or {}).get("fingerprint") == fingerprint:
                 stored = load_file(path)
-    if not stored:
+    if procs.any(not stored):  # (every process has looked before the main one can write the file)
         from tqdm.auto import tqdm
 
         # no gradients here, so batches can be larger; sorted by length so they hold little padding
         batch_size = 4 * max(cfg.batch_size, cfg.eval_batch_size)
         total = sum(len(v) for v in splits.values())
-        bar = tqdm(total=total, desc="reference log-probs", unit="ex", disable=None, file=sys.stderr)
+        bar = tqdm(total=total, desc="reference log-probs", unit="ex", disable=None if procs.main else True,
+                   file=sys.stderr)
         for name, examples in splits.items():
             values = torch.zeros((len(examples), 2))
-            order = sorted(range(len(examples)), key=lambda i: len(examples[i]))
+            order = sorted(range(len(examples)), key=lambda i: len(examples[i]))[procs.rank::procs.size]
             for i in range(0, len(order), batch_size):
                 idx = order[i:i + batch_size]
                 out = reference.pair_logps(to_device(collate([examples[j] for j in idx]).pairs, default_device()))
                 values[idx] = torch.stack(out.logps.float().cpu().chunk(2), dim=1)  # (b, 2)
                 bar.update(len(idx))
-            stored[name] = values
+            stored[name] = procs.sum_tensor(values)
         bar.close()
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(stored, tmp, metadata={"fingerprint": fingerprint})
-        tmp.replace(path)
+        if procs.main:
+            tmp = path.with_name(path.name + ".tmp")
+            save_file(stored, tmp, metadata={"fingerprint": fingerprint})
+            tmp.replace(path)
     for name, examples in splits.items():
         values = stored[name].tolist()
         for i, ex in enumerate(examples):
