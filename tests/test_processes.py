@@ -136,3 +136,20 @@ def test_kill_9_of_a_two_process_run_then_rerun_gives_the_weights_of_an_uninterr
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming from" in again.stderr + again.stdout, (again.stdout, again.stderr)
     harness.assert_same_final_weights(straight, killed, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_example_accelerate_config_launches_two_processes(tmp_path, harness):
+    from pathlib import Path
+
+    from alignkit.examples import make_tiny_model
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp.yaml"
+    model = str(make_tiny_model(tmp_path / "model"))
+    data = str(write_jsonl(tmp_path / "data.jsonl", sft_rows(40, seed=1)))
+    launch = [ACCELERATE, "launch", "--config_file", str(config), "--main_process_port", str(_free_port()), "-m",
+              "alignkit", "sft", "--model", model, "--data", data, "--max-steps", "2", "--batch-size", "4",
+              "--output-dir", str(tmp_path / "run")]
+    done = subprocess.run(launch, env=harness.env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "final" / "alignkit_run.json").read_text())["processes"] == 2
