@@ -153,3 +153,44 @@ def test_the_example_accelerate_config_launches_two_processes(tmp_path, harness)
     done = subprocess.run(launch, env=harness.env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "final" / "alignkit_run.json").read_text())["processes"] == 2
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_stops_both_processes_at_one_step_and_the_relaunch_matches(tmp_path, harness):
+    """torchrun forwards SIGTERM to its workers: both stop after the same step (they agree through an all-reduce),
+    one checkpoint is written with save_every 0, and the same launch again ends with the weights of a run never
+    interrupted. (The launcher's own exit status is torchrun's, 1.)"""
+    import signal
+    import time
+
+    from alignkit.examples import make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "model"))
+    data = str(write_jsonl(tmp_path / "data.jsonl", sft_rows(120, seed=1)))
+
+    def argv(out):
+        return ["sft", "--model", model, "--data", data, "--output-dir", str(out), "--max-steps", "200", "--lr",
+                "1e-3", "--batch-size", "4", "--save-every", "0", "--log-every", "1", "--seed", "3",
+                "--max-length", "64"]
+
+    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+    done = subprocess.run(_launch(harness, argv(straight)), env=harness.env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    proc = subprocess.Popen(_launch(harness, argv(stopped)), env=harness.env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    metrics = stopped / "metrics.jsonl"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 20:
+            proc.send_signal(signal.SIGTERM)
+            break
+        time.sleep(0.02)
+    out, err = proc.communicate(timeout=120)
+    assert err.count("SIGTERM received: stopped after step") == 2, err[-3000:]  # one line per process
+    steps = [int(p.name[5:]) for p in (stopped / "checkpoints").glob("step-*")]
+    assert len(steps) == 1 and 20 <= steps[0] < 200 and not (stopped / "final").exists(), steps
+    again = subprocess.run(_launch(harness, argv(stopped)), env=harness.env(), capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    harness.assert_same_final_weights(straight, stopped, atol=1e-6)
