@@ -113,3 +113,14 @@ def test_quick_preset_shows_the_lab_properties(tmp_path):
     assert methods["rlaif_dpo"]["length"] < methods["dpo"]["length"]
     assert summary["bon_fit"]["r2"] >= 0.8 and summary["bon_fit"]["alpha"] > 0 and summary["bon_fit"]["beta"] > 0
     assert summary["rl_fit"]["ppo_no_kl"]["r2"] >= 0.9
+
+
+def test_rlaif_pool_hides_the_crowds_label_and_gold_agreement_by_hand():
+    pairs = [{"prompt": "add 1 2 ->", "chosen": "3", "rejected": "4"},            # crowd right
+             {"prompt": "add 1 2 ->", "chosen": "great 4", "rejected": "3"},      # crowd wrong
+             {"prompt": "add 1 2 ->", "chosen": "5", "rejected": "4"}]            # gold tie (both wrong, 0)
+    assert lab_run._gold_agreement(pairs) == 0.5
+    pool = lab_run.rlaif_pool(pairs, seed=0)
+    assert [sorted(r["responses"]) for r in pool] == [sorted([p["chosen"], p["rejected"]]) for p in pairs]
+    assert [r["responses"][r["label"]] for r in pool[:2]] == ["3", "3"] and "label" not in pool[2]
+    assert lab_run.rlaif_pool(pairs, seed=0) == pool

@@ -10,12 +10,13 @@ import shutil
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from alignkit.examples import pairwise_rows, sft_rows, write_jsonl
 
-ACCELERATE = shutil.which("accelerate") or str(__import__("pathlib").Path(sys.executable).with_name("accelerate"))
+ACCELERATE = shutil.which("accelerate") or str(Path(sys.executable).with_name("accelerate"))
 
 
 def _free_port() -> int:
@@ -75,8 +76,6 @@ def test_two_processes_make_the_updates_of_one_with_the_doubled_batch(tmp_path, 
 
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (from /proc: children of children too)."""
-    from pathlib import Path
-
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -140,8 +139,6 @@ def test_kill_9_of_a_two_process_run_then_rerun_gives_the_weights_of_an_uninterr
 
 @pytest.mark.slow
 def test_the_example_accelerate_config_launches_two_processes(tmp_path, harness):
-    from pathlib import Path
-
     from alignkit.examples import make_tiny_model
 
     config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "ddp.yaml"

@@ -36,7 +36,7 @@ def write_report(summary: dict, path: Path) -> None:
         parts.append(f"<p class='off-chart'>Not drawn: {html.escape(off)}.</p>")
     front = summary.get("frontier") or {}
     if len(front.get("ppo", [])) > 1 or len(front.get("dpo", [])) > 1:
-        series = [{"label": f"ppo (KL coefficient)", "x": [m["kl"] for m in front["ppo"]],
+        series = [{"label": "ppo (KL coefficient)", "x": [m["kl"] for m in front["ppo"]],
                    "y": [m["gold"] for m in front["ppo"]], "style": "both",
                    "labels": [f"{m['kl_coef']:g}" for m in front["ppo"]]},
                   {"label": "dpo (β)", "x": [m["kl"] for m in front["dpo"]], "y": [m["gold"] for m in front["dpo"]],

@@ -98,7 +98,7 @@ def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", 
         "pairs": write_jsonl(out / "data" / "pairs.jsonl", pairs),
         "rankings": write_jsonl(out / "data" / "expert_rankings.jsonl",
                                 W.ranked_rows(train_prompts, p["expert_rankings"], seed + 1, 4, W.EXPERTS)),
-        "pool": write_jsonl(out / "data" / "rlaif_pool.jsonl", rlaif_pool(pairs)),
+        "pool": write_jsonl(out / "data" / "rlaif_pool.jsonl", rlaif_pool(pairs, seed)),
         "prompts": write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": q} for q in train_prompts]),
         "heldout": write_jsonl(out / "data" / "heldout.jsonl", [{"prompt": q} for q in heldout]),
     }
@@ -141,7 +141,7 @@ def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", 
     with lab.stage("kto"):
         train_kto(KTOConfig(output_dir=str(out / "kto"), **direct))
     with lab.stage("rlaif labels"):
-        rlaif = label_pool(judge, data["pool"], out / "data" / "rlaif_pairs.jsonl")
+        rlaif = label_pool(judge, data["pool"], out / "data" / "rlaif_pairs.jsonl", pairs)
     with lab.stage("rlaif_dpo"):
         train_dpo(DPOConfig(output_dir=str(out / "rlaif_dpo"), loss="sigmoid",
                             **{**direct, "data": (str(out / "data" / "rlaif_pairs.jsonl"),)}))
@@ -178,36 +178,36 @@ def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", 
     return summary
 
 
-def rlaif_pool(pairs: list[dict]) -> list[dict]:
-    """The crowd's pairs without their labels, for the AI judge: {prompt, responses: [a, b], label} in a random
-    order (seeded by the pair), with `label` the index of the gold-better response (absent on gold ties) so that
-    `alignkit label` reports the judge's agreement with gold."""
+def rlaif_pool(pairs: list[dict], seed: int) -> list[dict]:
+    """The crowd's pairs without their labels, for the AI judge: {prompt, responses: [a, b], label} in a seeded
+    random order, with `label` the index of the gold-better response (absent on gold ties) so that `alignkit label`
+    reports the judge's agreement with gold."""
     import random
 
+    rng = random.Random(f"pool-{seed}")
     rows = []
-    for i, r in enumerate(pairs):
-        a, b = (r["chosen"], r["rejected"]) if random.Random(f"pool-{i}").random() < 0.5 else (r["rejected"], r["chosen"])
+    for r in pairs:
+        a, b = (r["chosen"], r["rejected"]) if rng.random() < 0.5 else (r["rejected"], r["chosen"])
         ga, gb = W.gold_reward([r["prompt"]] * 2, [a, b])
         rows.append({"prompt": r["prompt"], "responses": [a, b], **({"label": 0 if ga > gb else 1} if ga != gb else {})})
     return rows
 
 
-def label_pool(judge: str, pool: Path, output: Path) -> dict:
-    """`alignkit label` with the judge (rm:) over the pool; returns what the judge is and its measured agreement
-    with gold, its liking for longer and for flattering answers (against the crowd's on the same pairs)."""
+def label_pool(judge: str, pool: Path, output: Path, crowd_pairs: list[dict]) -> dict:
+    """`alignkit label` with the judge (rm:) over the pool; returns what the judge is, its measured agreement with
+    gold (the crowd's on the same pairs beside it), and its liking for longer and for flattering answers."""
     from alignkit.config import LabelConfig
     from alignkit.judges.label import run_label
 
     report = run_label(LabelConfig(judge=f"rm:{judge}", data=(str(pool),), output=str(output), resume="never"))
     labelled = [json.loads(line) for line in output.read_text().splitlines()]
-    pool_rows = [json.loads(line) for line in pool.read_text().splitlines()]
     return {"judge": "a reward model trained on the expert annotators' 4-way rankings, labelling the crowd's pairs",
             "pairs": len(labelled), "agreement_with_gold": report.get("agreement"),
             "judge_picks_longer": _share(labelled, lambda c, r: len(c.split()) > len(r.split()),
                                          lambda c, r: len(c.split()) != len(r.split())),
             "judge_picks_flattering": _share(labelled, lambda c, r: _flattery(c) > _flattery(r),
                                              lambda c, r: _flattery(c) != _flattery(r)),
-            "crowd_agreement_with_gold": _crowd_agreement(pool_rows, pool)}
+            "crowd_agreement_with_gold": _gold_agreement(crowd_pairs)}
 
 
 def _flattery(text: str) -> int:
@@ -220,10 +220,10 @@ def _share(rows: list[dict], picked, counts) -> float | None:
     return sum(picked(r["chosen"], r["rejected"]) for r in kept) / len(kept) if kept else None
 
 
-def _crowd_agreement(pool_rows: list[dict], pool: Path) -> float | None:
-    """How often the crowd's own label (pairs.jsonl beside the pool) picked the gold-better response."""
-    pairs = [json.loads(line) for line in (pool.parent / "pairs.jsonl").read_text().splitlines()]
-    hits = [r["chosen"] == row["responses"][row["label"]] for r, row in zip(pairs, pool_rows) if "label" in row]
+def _gold_agreement(pairs: list[dict]) -> float | None:
+    """Share of the pairs without a gold tie whose `chosen` is the gold-better response."""
+    golds = [W.gold_reward([r["prompt"]] * 2, [r["chosen"], r["rejected"]]) for r in pairs]
+    hits = [gc > gr for gc, gr in golds if gc != gr]
     return sum(hits) / len(hits) if hits else None
 
 

@@ -77,6 +77,13 @@ class Processes:
             p.grad = flat[offset:offset + n].view_as(g).to(g.dtype)
             offset += n
 
+    def end(self) -> None:
+        """Leave the process group (after a last barrier): a process that exits with the group still up can abort
+        in its teardown ("terminate called without an active exception")."""
+        if self.size > 1 and torch.distributed.is_initialized():
+            torch.distributed.barrier()
+            torch.distributed.destroy_process_group()
+
     def barrier(self) -> None:
         if self.size > 1:
             torch.distributed.barrier()

@@ -399,7 +399,7 @@ def run(cfg, trainer: Trainer) -> dict:
         run_dir.mark_done(step=step, metrics=last, loop_seconds=loop_seconds, steps_this_process=step - start,
                           processes=procs.size, **trainer.summary())
         print(f"alignkit {trainer.name}: done, {step} {unit}s; final model in {run_dir.final}")
-    procs.barrier()
+    procs.end()
     return last
 
 
@@ -476,6 +476,7 @@ def _loop(cfg, trainer: Trainer, run_dir: RunDir, optimizer, scheduler, state: d
             if signalled:
                 bar.close()
                 log.close()
+                procs.end()
                 raise Preempted(f"{preemption.received or 'a signal to another process'} received: stopped after {unit} {step} of {steps} with a "
                                 f"checkpoint in {path}; run the same command again to resume")
         if stop:
