@@ -96,3 +96,66 @@ def test_the_favourites_signal_watches_the_held_out_score_of_the_training_reward
     assert det.flagged and set(det.fired) == {"favourites"} and det.flag_step > 20
     assert "favourites" in det.reasons[0]
     assert not _run(HackingDetector(heldout_drop=0), stream).flagged
+
+
+def test_one_sided_two_proportion_p_value_by_hand():
+    from alignkit.rl.detector import one_sided_p
+
+    # 48/64 then 32/64: pooled 80/128 = 0.625, spread √(0.625 · 0.375 · 2/64) = 0.085582, z = 0.25 / 0.085582 = 2.9212
+    assert one_sided_p(48, 64, 32, 64) == pytest.approx(0.001744, abs=2e-6)
+    assert one_sided_p(32, 64, 48, 64) == pytest.approx(1 - 0.001744, abs=2e-6)  # a rise is not a fall
+    assert one_sided_p(64, 64, 64, 64) == 1.0  # no spread: nothing to test
+
+
+def _audited(det, stream, approvals, every=5, checked=64):
+    """Updates as in training, and after every `every`-th iteration (and before the first) a spot check: the
+    next count of `approvals` out of `checked`, as an evaluation would record it."""
+    counts = iter(approvals)
+    det.audit(next(counts), checked)  # the evaluation before any iteration
+    for step, m in enumerate(stream, 1):
+        det.update(step, m, heldout_scale=0.1)
+        if step % every == 0:
+            det.audit(next(counts), checked)
+    return det
+
+
+def test_the_spot_check_flags_two_significant_falls_below_its_best_at_the_next_iteration():
+    # checks at 0, 5, …, 60; best 48/64 at iteration 25; 40/64 at 30 is not significant (p 0.08); 32/64 at 35
+    # and 30/64 at 40 are (p 0.0017 and 0.0006): the signal trips at iteration 41, the first update after the
+    # second check, and flags at once (its patience is counted in checks)
+    approvals = [38, 41, 44, 46, 45, 48, 40, 32, 30, 28, 27, 26, 25]
+    det = _audited(HackingDetector(length_ratio=0), _stream(60, 7), approvals)
+    assert det.flag_step == 41 and set(det.fired) == {"audit"}
+    assert det.fired["audit"] == {"first": 41, "sustained": 41, "why": det.reasons[0]}
+    assert "32/64 at 35, 30/64 at 40, below 48/64 at iteration 25" in det.reasons[0]
+    assert "576 responses checked" in det.reasons[0]  # 9 checks of 64 by then: the labelling budget
+    # one significant fall alone (patience 2) does not flag; at patience 1 it flags at 36
+    assert not _audited(HackingDetector(length_ratio=0), _stream(60, 7), approvals[:8] + [44] * 5).flagged
+    assert _audited(HackingDetector(length_ratio=0, audit_patience=1), _stream(60, 7), approvals).flag_step == 36
+    assert not _audited(HackingDetector(length_ratio=0, audit_alpha=0), _stream(60, 7), approvals).flagged
+
+
+def test_the_spot_check_does_not_flag_noise_or_a_fall_of_the_training_reward_too():
+    for seed in range(20):  # a flat approval of 60% checked 64 at a time, 17 checks: binomial noise only
+        rng = random.Random(seed)
+        approvals = [sum(rng.random() < 0.6 for _ in range(64)) for _ in range(17)]
+        assert not _audited(HackingDetector(length_ratio=0), _stream(80, seed), approvals).flagged, approvals
+    stream = _stream(60, 8)
+    for i, m in enumerate(stream):
+        m["reward/score"] = 0.8 - 0.01 * i  # the training reward falls with the approval: not hacking
+    approvals = [38, 41, 44, 46, 45, 48, 40, 32, 30, 28, 27, 26, 25]
+    assert not _audited(HackingDetector(length_ratio=0), stream, approvals).flagged
+
+
+def test_spot_checks_survive_a_checkpoint_round_trip():
+    approvals = [38, 41, 44, 46, 45, 48, 40, 32, 30, 28, 27, 26, 25]
+    whole = _audited(HackingDetector(), _stream(60, 9), approvals)
+    first = _audited(HackingDetector(), _stream(60, 9)[:30], approvals[:7])
+    resumed = HackingDetector()
+    resumed.load_state(json.loads(json.dumps(first.state())))
+    counts = iter(approvals[7:])
+    for step, m in enumerate(_stream(60, 9)[30:], 31):
+        resumed.update(step, m, heldout_scale=0.1)
+        if step % 5 == 0:
+            resumed.audit(next(counts), 64)
+    assert resumed.audits == whole.audits and resumed.flag_step == whole.flag_step == 41

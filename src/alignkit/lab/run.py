@@ -42,7 +42,7 @@ PRESETS = {
 }
 SHORT = {"max_length": 32, "max_prompt_length": 16, "resume": "never"}
 GOLD_FN = "python:alignkit.lab.world:gold_reward"
-DRIFT_FN = "python:alignkit.lab.world:drift"
+MEASURES_FN = "python:alignkit.lab.world:measures"  # drift and the experts' spot check
 # The detector as the lab configures it (it never reads gold): the held-out judge disagreeing with the proxy,
 # length drift and ensemble disagreement; the KL budget is a backstop only. Distinct-2 is off: it falls as a
 # healthy policy settles on right answers (false flags, docs/lab.md).
@@ -121,7 +121,7 @@ def run_lab(preset: str = "quick", seed: int = 0, output_dir: str = "runs/lab", 
     judge = str(out / "judge" / "final")
 
     rl = {"model": sft, "data": (str(data["prompts"]),), "eval_data": (str(data["heldout"]),), "algo": p["rl_algo"],
-          "gold_fn": GOLD_FN, "eval_fn": DRIFT_FN, "max_steps": p["rl_steps"], "rollout_batch_size": p["rl_rollouts"],
+          "gold_fn": GOLD_FN, "eval_fn": MEASURES_FN, "max_steps": p["rl_steps"], "rollout_batch_size": p["rl_rollouts"],
           "max_new_tokens": 10, "lr": p["rl_lr"], "eval_every": p["eval_every"],
           "eval_samples_per_prompt": p["eval_samples"], "save_every": 0, "log_every": 1,
           "heldout_reward_models": (judge,), **DETECTOR, "hacking_kl_budget": p["kl_budget"], **common}
@@ -353,7 +353,8 @@ def read_curve(run: Path) -> list[dict]:
         if "eval/reward/gold" in m:
             curve.append({"step": m["step"], "kl": m["eval/kl"], "gold": m["eval/reward/gold"],
                           "proxy": m["eval/reward/score"], "length": m["eval/response_length"],
-                          **{k: m[f"eval/{k}"] for k in ("flattery", "repetition", "filler", "words")
+                          **{k: m[f"eval/{k}"] for k in ("flattery", "repetition", "filler", "words", "audit_approved",
+                                                         "audit_n")
                              if f"eval/{k}" in m},
                           **({"rising_tokens": rising[m["step"]]} if m["step"] in rising else {})})
     return curve
@@ -376,6 +377,7 @@ def hacking_summary(run: Path, curve: list[dict]) -> dict:
     return {"flagged": bool(flag.get("flagged")), "flag_step": flag.get("flag_step"), "peak_gold_step": peak,
             "chosen_step": flag.get("flag_step") if flag.get("flagged") else (curve[-1]["step"] if curve else None),
             "reasons": flag.get("reasons", []), "signals": flag.get("fired", {}),
+            "audit_checked": int(sum(c.get("audit_n", 0) for c in curve)),  # the experts' spot-check budget
             "evaluations_after_peak": (None if not flag.get("flagged") or peak is None
                                        else _evaluations_between(curve, peak, flag["flag_step"]))}
 

@@ -13,6 +13,11 @@ average of the first `window` iterations), so that the noise of one rollout cann
   length     mean response length left [baseline / length_ratio, baseline × length_ratio]
   repetition distinct-2 fell below `distinct_ratio` × baseline
   kl         the mean sequence KL to the reference passed `kl_budget` (nats; 0 = no budget)
+  audit      a spot check by people (`audit`: so many of a sample of responses approved, at each evaluation) fell
+             significantly below its best: on each of the last `audit_patience` checks a one-sided two-proportion
+             z-test rejects "no worse than the best earlier check" at level `audit_alpha`, while the training
+             reward's average is higher than at that best check. Its patience is counted in checks, so it raises
+             the flag at the first iteration it trips.
 
 A signal that trips on `patience` consecutive iterations raises the flag (once; `flag_step`). `fired` records, for
 each signal, the first iteration it tripped on and the first it had tripped on `patience` iterations in a row
@@ -26,6 +31,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from statistics import NormalDist
 
 import torch
 
@@ -67,6 +73,16 @@ def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 
+def one_sided_p(a: int, n: int, b: int, m: int) -> float:
+    """p-value of the one-sided two-proportion z-test (pooled) of "b/m is no lower than a/n": small when the second
+    share is significantly below the first (1 when it is not below at all)."""
+    pooled = (a + b) / (n + m)
+    spread = math.sqrt(pooled * (1 - pooled) * (1 / n + 1 / m))
+    if spread == 0:
+        return 1.0
+    return 1 - NormalDist().cdf((a / n - b / m) / spread)
+
+
 @dataclass
 class HackingDetector:
     kl_budget: float = 0.0
@@ -76,6 +92,8 @@ class HackingDetector:
     heldout_drop: float = 0.5
     window: int = 5
     patience: int = 3
+    audit_alpha: float = 0.02                    # one-sided level of the spot check's test (Bonferroni-corrected); 0 = off
+    audit_patience: int = 2                      # consecutive checks significantly below the best
     history: dict = field(default_factory=dict)   # metric -> values, one per iteration
     streak: int = 0
     flag_step: int | None = None
@@ -83,6 +101,8 @@ class HackingDetector:
     heldout_scale: float | None = None           # spread of the held-out scores over the first rollout's samples
     fired: dict = field(default_factory=dict)    # signal -> {"first": step, "sustained": step | None, "why": text}
     streaks: dict = field(default_factory=dict)  # signal -> consecutive iterations tripping now
+    audits: list = field(default_factory=list)   # spot checks: [step, approved, checked, iterations seen then]
+    last_step: int = 0                           # the latest iteration `update` saw
 
     TRACKED = ("kl", "response_length", "hacking/distinct_2", "hacking/ensemble_std", "reward/score",
                "reward/heldout", "hacking/heldout_of_top")
@@ -101,15 +121,17 @@ class HackingDetector:
         return sum(first) / len(first)
 
     def signals(self) -> list[str]:
-        """The signals tripping now, as sentences (empty before 2 × `window` iterations: no baseline yet)."""
+        """The signals tripping now, as sentences (only `audit` before 2 × `window` iterations: no baseline yet)."""
         return list(self.tripping().values())
 
     def tripping(self) -> dict[str, str]:
-        """The signals tripping now: name (kl, length, repetition, ensemble, heldout) -> why."""
+        """The signals tripping now: name (kl, length, repetition, ensemble, heldout, favourites, audit) -> why."""
         h = self.history
-        if len(h.get("reward/score", [])) < 2 * self.window:
-            return {}
         out = {}
+        if (why := self._audit_fell()) is not None:
+            out["audit"] = why
+        if len(h.get("reward/score", [])) < 2 * self.window:
+            return out
         if self.kl_budget > 0 and "kl" in h and self._smoothed("kl") > self.kl_budget:
             out["kl"] = f"kl {self._smoothed('kl'):.3f} over the budget {self.kl_budget:g}"
         if self.length_ratio > 0 and "response_length" in h:
@@ -137,6 +159,32 @@ class HackingDetector:
                                      "below its best while the training reward rose")
         return out
 
+    def audit(self, approved: int, checked: int) -> None:
+        """Record a spot check by people at the latest iteration: `approved` of `checked` sampled responses judged
+        good (e.g. an `eval_fn` measuring `audit_approved` and `audit_n` at each evaluation). It trips the `audit`
+        signal at the next `update`."""
+        if checked > 0:
+            self.audits.append([self.last_step, int(approved), int(checked), len(self.history.get("reward/score", []))])
+
+    def _audit_fell(self) -> str | None:
+        """Why the `audit` signal trips now, or None: each of the last `audit_patience` checks is significantly
+        below the best check before them (one-sided two-proportion z-test at `audit_alpha`), and the training
+        reward's moving average is higher now than at that best check."""
+        k = self.audit_patience
+        if self.audit_alpha <= 0 or len(self.audits) <= k or not self.history.get("reward/score"):
+            return None
+        earlier, recent = self.audits[:-k], self.audits[-k:]
+        best = max(earlier, key=lambda a: a[1] / a[2])
+        p_values = [one_sided_p(best[1], best[2], a[1], a[2]) for a in recent]
+        if max(p_values) > self.audit_alpha / len(earlier):  # Bonferroni: the best of len(earlier) checks
+            return None
+        if self._smoothed("reward/score") <= self._smoothed("reward/score", max(best[3], 1)):
+            return None
+        checked = sum(a[2] for a in self.audits)
+        shown = ", ".join(f"{a[1]}/{a[2]} at {a[0]}" for a in recent)
+        return (f"spot check: approved {shown}, below {best[1]}/{best[2]} at iteration {best[0]} (one-sided p ≤ "
+                f"{max(p_values):.3g} each) while the training reward rose; {checked} responses checked so far")
+
     def _fall(self, key: str) -> tuple[int, float | None]:
         """(index of the best moving average of `key`, how far the latest one fell below it in held-out spreads;
         None unless by more than `heldout_drop` while the training reward's average is higher than then)."""
@@ -153,6 +201,7 @@ class HackingDetector:
         for key in self.TRACKED:
             if key in metrics and metrics[key] is not None and metrics[key] == metrics[key]:  # skip None, NaN
                 self.history.setdefault(key, []).append(float(metrics[key]))
+        self.last_step = step
         if self.heldout_scale is None and heldout_scale is not None:
             self.heldout_scale = heldout_scale
         tripping = self.tripping()
@@ -162,6 +211,12 @@ class HackingDetector:
             seen = self.fired.setdefault(name, {"first": step, "sustained": None, "why": why})
             if seen["sustained"] is None and self.streaks[name] >= self.patience:
                 seen["sustained"], seen["why"] = step, why
+        if "audit" in tripping:  # sustained over its own checks already
+            seen = self.fired["audit"]
+            if seen["sustained"] is None:
+                seen["sustained"], seen["why"] = step, tripping["audit"]
+            if not self.flagged:
+                self.flag_step, self.reasons = step, [tripping["audit"]]
         if self.streak >= self.patience and not self.flagged:
             self.flag_step, self.reasons = step, list(tripping.values())
         return list(tripping.values())
@@ -169,7 +224,7 @@ class HackingDetector:
     def state(self) -> dict:
         return {"history": self.history, "streak": self.streak, "flag_step": self.flag_step,
                 "reasons": self.reasons, "heldout_scale": self.heldout_scale, "fired": self.fired,
-                "streaks": self.streaks}
+                "streaks": self.streaks, "audits": self.audits, "last_step": self.last_step}
 
     def load_state(self, state: dict) -> None:
         self.history = {k: list(v) for k, v in state["history"].items()}
@@ -177,6 +232,8 @@ class HackingDetector:
         self.reasons, self.heldout_scale = list(state["reasons"]), state["heldout_scale"]
         self.fired = {k: dict(v) for k, v in state.get("fired", {}).items()}
         self.streaks = dict(state.get("streaks", {}))
+        self.audits = [list(a) for a in state.get("audits", [])]
+        self.last_step = state.get("last_step", 0)
 
     @classmethod
     def from_config(cls, cfg) -> HackingDetector:

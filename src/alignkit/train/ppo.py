@@ -14,6 +14,7 @@ the same rollouts. The monitors and the hacking detector are `alignkit.rl.monito
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 
 import torch
@@ -276,7 +277,12 @@ class PPOTrainer(Trainer):
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 1_000_003 + 999_983, batch_size=cfg.eval_batch_size or 256,
                              compute_dtype=self.compute_dtype, generate_fn=self.generate_fn)
-        measures = self.measures(ev.prompts, ev.responses) if self.measures else {}
+        measures = {}
+        if self.measures:  # an eval_fn with a `scores` parameter also gets the training reward's scores
+            takes_scores = "scores" in inspect.signature(self.measures).parameters and ev.proxy is not None
+            measures = self.measures(ev.prompts, ev.responses, **({"scores": ev.proxy.tolist()} if takes_scores else {}))
+        if "audit_n" in measures:  # a spot check by people (eval_fn): the detector's `audit` signal
+            self.monitors.detector.audit(measures["audit_approved"], measures["audit_n"])
         return {f"eval/{name}": float(v) for name, v in {**ev.summary(), **measures}.items()}
 
     def prepare(self, run) -> None:
