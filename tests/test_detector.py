@@ -107,39 +107,58 @@ def test_one_sided_two_proportion_p_value_by_hand():
     assert one_sided_p(64, 64, 64, 64) == 1.0  # no spread: nothing to test
 
 
+def _check(det, step, approved, checked):
+    """A spot check as the ppo trainer's evaluation records it: the check, then an update without monitors."""
+    det.audit(approved, checked)
+    det.update(step, {})
+
+
 def _audited(det, stream, approvals, every=5, checked=64):
     """Updates as in training, and after every `every`-th iteration (and before the first) a spot check: the
-    next count of `approvals` out of `checked`, as an evaluation would record it."""
+    next count of `approvals` out of `checked`."""
     counts = iter(approvals)
-    det.audit(next(counts), checked)  # the evaluation before any iteration
+    _check(det, 0, next(counts), checked)  # the evaluation before any iteration
     for step, m in enumerate(stream, 1):
         det.update(step, m, heldout_scale=0.1)
         if step % every == 0:
-            det.audit(next(counts), checked)
+            _check(det, step, next(counts), checked)
     return det
 
 
-def test_the_spot_check_flags_two_significant_falls_below_its_best_at_the_next_iteration():
-    # checks at 0, 5, …, 60; best 48/64 at iteration 25; 40/64 at 30 is not significant (p 0.08); 32/64 at 35
-    # and 30/64 at 40 are (p 0.0017 and 0.0006): the signal trips at iteration 41, the first update after the
-    # second check, and flags at once (its patience is counted in checks)
+def test_the_spot_check_flags_two_significant_falls_below_its_best_at_the_checked_iteration():
+    # checks at 0, 5, …, 60; best 48/64 at iteration 25. At 35, 40/64 and 32/64 pooled (72/128) are not
+    # significant (p 0.0057 > 0.002 / 6 earlier checks). At 40, 32/64 and 30/64 pooled: 62/128 = 0.484 against
+    # 0.75, pooled share 110/192 = 0.573, spread √(0.573 · 0.427 · (1/64 + 1/128)) = 0.0757, z = 3.51, p = 0.00023
+    # < 0.002 / 7: the signal trips at the check of iteration 40 and flags at once (its patience is counted in
+    # checks), the training reward having risen
     approvals = [38, 41, 44, 46, 45, 48, 40, 32, 30, 28, 27, 26, 25]
     det = _audited(HackingDetector(length_ratio=0), _stream(60, 7), approvals)
-    assert det.flag_step == 41 and set(det.fired) == {"audit"}
-    assert det.fired["audit"] == {"first": 41, "sustained": 41, "why": det.reasons[0]}
-    assert "32/64 at 35, 30/64 at 40, below 48/64 at iteration 25" in det.reasons[0]
+    assert det.flag_step == 40 and set(det.fired) == {"audit"}
+    assert det.fired["audit"] == {"first": 40, "sustained": 40, "why": det.reasons[0]}
+    assert "32/64 at 35, 30/64 at 40, below 48/64 at iteration 25 (one-sided p 0.00023 pooled" in det.reasons[0]
     assert "576 responses checked" in det.reasons[0]  # 9 checks of 64 by then: the labelling budget
-    # one significant fall alone (patience 2) does not flag; at patience 1 it flags at 36
+    # a fall that does not last (patience 2) does not flag; at patience 1, 28/64 alone at 45 does (p 0.00016 <
+    # 0.002 / 9), where 32/64 at 35 and 30/64 at 40 alone did not (p 0.0017 and 0.00056)
     assert not _audited(HackingDetector(length_ratio=0), _stream(60, 7), approvals[:8] + [44] * 5).flagged
-    assert _audited(HackingDetector(length_ratio=0, audit_patience=1), _stream(60, 7), approvals).flag_step == 36
+    assert _audited(HackingDetector(length_ratio=0, audit_patience=1), _stream(60, 7), approvals).flag_step == 45
+    # an update without monitors moves no other signal's streak: length drifting from iteration 20 flags at 35
+    # (tripping from 33), with or without checks in between
+    drifting = _stream(60, 7, response_length=(20, 1.0))
+    plain = _run(HackingDetector(), drifting)
+    checked = _audited(HackingDetector(audit_alpha=0), drifting, [40] * 13)
+    assert plain.flag_step == checked.flag_step == 35 and plain.streaks == checked.streaks
     assert not _audited(HackingDetector(length_ratio=0, audit_alpha=0), _stream(60, 7), approvals).flagged
 
 
 def test_the_spot_check_does_not_flag_noise_or_a_fall_of_the_training_reward_too():
-    for seed in range(20):  # a flat approval of 60% checked 64 at a time, 17 checks: binomial noise only
+    # a flat approval of 60% checked 64 at a time, 17 checks (binomial noise only), on 200 runs: 2 flag (1%; at
+    # level 0.01 instead of 0.002, 14 would)
+    flagged = 0
+    for seed in range(200):
         rng = random.Random(seed)
         approvals = [sum(rng.random() < 0.6 for _ in range(64)) for _ in range(17)]
-        assert not _audited(HackingDetector(length_ratio=0), _stream(80, seed), approvals).flagged, approvals
+        flagged += _audited(HackingDetector(length_ratio=0), _stream(80, seed % 5), approvals).flagged
+    assert flagged == 2
     stream = _stream(60, 8)
     for i, m in enumerate(stream):
         m["reward/score"] = 0.8 - 0.01 * i  # the training reward falls with the approval: not hacking
@@ -157,5 +176,5 @@ def test_spot_checks_survive_a_checkpoint_round_trip():
     for step, m in enumerate(_stream(60, 9)[30:], 31):
         resumed.update(step, m, heldout_scale=0.1)
         if step % 5 == 0:
-            resumed.audit(next(counts), 64)
-    assert resumed.audits == whole.audits and resumed.flag_step == whole.flag_step == 41
+            _check(resumed, step, next(counts), 64)
+    assert resumed.audits == whole.audits and resumed.flag_step == whole.flag_step == 40

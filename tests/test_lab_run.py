@@ -50,8 +50,11 @@ def test_lab_end_to_end_writes_summary_and_report(tmp_path, monkeypatch, capsys)
     for name in ("ppo", "ppo_no_kl", "ppo_ensemble"):
         assert [c["step"] for c in curves[name]] == [0, 2, 4]
         assert set(curves[name][0]) == {"step", "kl", "gold", "proxy", "length", "flattery", "repetition", "filler",
-                                        "words"}
+                                        "words", "audit_approved", "audit_n"}
         assert set(summary["hacking"][name]) >= {"flagged", "flag_step", "peak_gold_step", "chosen_step", "signals"}
+        # the experts check 64 of the 2 samples of each of the 69 held-out prompts at each of the 3 evaluations
+        assert all(c["audit_n"] == 64 and 0 <= c["audit_approved"] <= 64 for c in curves[name])
+        assert summary["hacking"][name]["audit_checked"] == 3 * 64
     assert [c["n"] for c in curves["bon"]] == [1, 2, 4, 8]
     assert curves["bon"][0]["kl"] == 0.0 and curves["bon"][2]["kl"] == pytest.approx(1.3862944 - 0.75)
     assert set(summary["bon_fit"]) == {"alpha", "beta", "r2"}

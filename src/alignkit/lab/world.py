@@ -230,34 +230,25 @@ CROWD = Annotator()  # the labelling pool: likes longer answers and flattery
 EXPERTS = Annotator(length_bias=-0.03, flattery_bias=0.0, sharpness=6.0, noise=0.05)
 
 
-AUDIT_SIZE = 64       # responses the experts check at each evaluation without the training reward's scores
-AUDIT_FAVOURITES = 0.1  # with them: the share of the samples the training reward likes most that the experts check
+AUDIT_SIZE = 64  # responses the experts check at each evaluation of an online run
 
 
-def spot_check(prompts: list[str], responses: list[str], scores: list[float] | None = None,
-               annotator: Annotator = EXPERTS, size: int = AUDIT_SIZE,
-               favourites: float = AUDIT_FAVOURITES) -> dict[str, int]:
+def spot_check(prompts: list[str], responses: list[str], annotator: Annotator = EXPERTS,
+               size: int = AUDIT_SIZE) -> dict[str, int]:
     """A spot check by people: `annotator` gives a thumbs up or down (`Annotator.desirable`: noisy, biased, never
-    the gold reward itself) to some of the responses. With the training reward's `scores`, to its favourites (the
-    top `favourites` share: where a policy that games the reward shows first, as its top-scored answers are the
-    ones it is moving towards); else to `size` responses at positions drawn once for that number of responses, so
-    that successive checks compare like with like. The labels' randomness is seeded by the responses. Returns the
-    count approved and the count checked (`audit_approved`, `audit_n`): the detector's `audit` signal."""
-    if scores is not None:
-        count = max(1, round(favourites * len(responses)))
-        picked = sorted(sorted(range(len(responses)), key=lambda i: -scores[i])[:count])
-    else:
-        picked = sorted(random.Random(f"audit-{len(responses)}").sample(range(len(responses)),
-                                                                         min(size, len(responses))))
+    the gold reward itself) to `size` of the responses, at positions drawn once for that number of responses, so
+    that successive checks of a run compare like with like; the labels' randomness is seeded by the responses.
+    Returns the count approved and the count checked (`audit_approved`, `audit_n`): the detector's `audit`
+    signal."""
+    picked = sorted(random.Random(f"audit-{len(responses)}").sample(range(len(responses)), min(size, len(responses))))
     rng = random.Random(zlib.crc32("\n".join(responses).encode("utf-8")))
     approved = sum(annotator.desirable(prompts[i], responses[i], rng) for i in picked)
     return {"audit_approved": approved, "audit_n": len(picked)}
 
 
-def measures(prompts: list[str], responses: list[str], scores: list[float] | None = None) -> dict[str, float]:
-    """The online runs' `eval_fn`: the drift measures of the held-out samples and the experts' spot check of the
-    training reward's favourites among them."""
-    return {**drift(prompts, responses), **spot_check(prompts, responses, scores)}
+def measures(prompts: list[str], responses: list[str]) -> dict[str, float]:
+    """The online runs' `eval_fn`: the drift measures of the held-out samples and the experts' spot check of them."""
+    return {**drift(prompts, responses), **spot_check(prompts, responses)}
 
 
 def _distinct(prompt: str, rng: random.Random, style: Style, k: int) -> list[str]:

@@ -14,10 +14,10 @@ average of the first `window` iterations), so that the noise of one rollout cann
   repetition distinct-2 fell below `distinct_ratio` × baseline
   kl         the mean sequence KL to the reference passed `kl_budget` (nats; 0 = no budget)
   audit      a spot check by people (`audit`: so many of a sample of responses approved, at each evaluation) fell
-             significantly below its best: on each of the last `audit_patience` checks a one-sided two-proportion
-             z-test rejects "no worse than the best earlier check" at level `audit_alpha`, while the training
-             reward's average is higher than at that best check. Its patience is counted in checks, so it raises
-             the flag at the first iteration it trips.
+             significantly below its best: the last `audit_patience` checks are each below the best earlier check
+             and, pooled, significantly so (one-sided two-proportion z-test at `audit_alpha` / the number of
+             earlier checks), while the training reward's average is higher than at that best check. Its patience
+             is counted in checks, so it raises the flag at once, at the iteration whose policy was checked.
 
 A signal that trips on `patience` consecutive iterations raises the flag (once; `flag_step`). `fired` records, for
 each signal, the first iteration it tripped on and the first it had tripped on `patience` iterations in a row
@@ -92,7 +92,7 @@ class HackingDetector:
     heldout_drop: float = 0.5
     window: int = 5
     patience: int = 3
-    audit_alpha: float = 0.02                    # one-sided level of the spot check's test (Bonferroni-corrected); 0 = off
+    audit_alpha: float = 0.002                   # one-sided level of the spot check's test (Bonferroni-corrected); 0 = off
     audit_patience: int = 2                      # consecutive checks significantly below the best
     history: dict = field(default_factory=dict)   # metric -> values, one per iteration
     streak: int = 0
@@ -167,23 +167,27 @@ class HackingDetector:
             self.audits.append([self.last_step, int(approved), int(checked), len(self.history.get("reward/score", []))])
 
     def _audit_fell(self) -> str | None:
-        """Why the `audit` signal trips now, or None: each of the last `audit_patience` checks is significantly
-        below the best check before them (one-sided two-proportion z-test at `audit_alpha`), and the training
-        reward's moving average is higher now than at that best check."""
+        """Why the `audit` signal trips now, or None: the last `audit_patience` checks are each below the best check
+        before them and, pooled, significantly so (one-sided two-proportion z-test at `audit_alpha` divided by the
+        number of earlier checks: Bonferroni, as the best of them is picked), and the training reward's moving
+        average is higher now than at that best check."""
         k = self.audit_patience
         if self.audit_alpha <= 0 or len(self.audits) <= k or not self.history.get("reward/score"):
             return None
         earlier, recent = self.audits[:-k], self.audits[-k:]
         best = max(earlier, key=lambda a: a[1] / a[2])
-        p_values = [one_sided_p(best[1], best[2], a[1], a[2]) for a in recent]
-        if max(p_values) > self.audit_alpha / len(earlier):  # Bonferroni: the best of len(earlier) checks
+        if any(a[1] / a[2] >= best[1] / best[2] for a in recent):
+            return None
+        approved, checked = sum(a[1] for a in recent), sum(a[2] for a in recent)
+        p_value = one_sided_p(best[1], best[2], approved, checked)
+        if p_value > self.audit_alpha / len(earlier):
             return None
         if self._smoothed("reward/score") <= self._smoothed("reward/score", max(best[3], 1)):
             return None
-        checked = sum(a[2] for a in self.audits)
         shown = ", ".join(f"{a[1]}/{a[2]} at {a[0]}" for a in recent)
-        return (f"spot check: approved {shown}, below {best[1]}/{best[2]} at iteration {best[0]} (one-sided p ≤ "
-                f"{max(p_values):.3g} each) while the training reward rose; {checked} responses checked so far")
+        return (f"spot check: approved {shown}, below {best[1]}/{best[2]} at iteration {best[0]} (one-sided p "
+                f"{p_value:.2g} pooled, {len(earlier)} earlier checks) while the training reward rose; "
+                f"{sum(a[2] for a in self.audits)} responses checked so far")
 
     def _fall(self, key: str) -> tuple[int, float | None]:
         """(index of the best moving average of `key`, how far the latest one fell below it in held-out spreads;
@@ -197,7 +201,10 @@ class HackingDetector:
         return best, fell if fell > self.heldout_drop and rose else None
 
     def update(self, step: int, metrics: dict, heldout_scale: float | None = None) -> list[str]:
-        """Record one iteration's monitors; returns the signals tripping now. Sets `flag_step` at the flag."""
+        """Record one iteration's monitors; returns the signals tripping now. Sets `flag_step` at the flag. Called
+        with no monitors (`{}`) after a spot check (`audit`), it only weighs that check, so that a check of
+        iteration `step`'s policy flags at `step`."""
+        fresh = any(key in metrics for key in self.TRACKED)
         for key in self.TRACKED:
             if key in metrics and metrics[key] is not None and metrics[key] == metrics[key]:  # skip None, NaN
                 self.history.setdefault(key, []).append(float(metrics[key]))
@@ -205,19 +212,20 @@ class HackingDetector:
         if self.heldout_scale is None and heldout_scale is not None:
             self.heldout_scale = heldout_scale
         tripping = self.tripping()
-        self.streak = self.streak + 1 if tripping else 0
-        self.streaks = {name: self.streaks.get(name, 0) + 1 for name in tripping}
-        for name, why in tripping.items():
-            seen = self.fired.setdefault(name, {"first": step, "sustained": None, "why": why})
-            if seen["sustained"] is None and self.streaks[name] >= self.patience:
-                seen["sustained"], seen["why"] = step, why
-        if "audit" in tripping:  # sustained over its own checks already
-            seen = self.fired["audit"]
+        if fresh:
+            self.streak = self.streak + 1 if tripping else 0
+            self.streaks = {name: self.streaks.get(name, 0) + 1 for name in tripping}
+            for name, why in tripping.items():
+                seen = self.fired.setdefault(name, {"first": step, "sustained": None, "why": why})
+                if seen["sustained"] is None and self.streaks[name] >= self.patience:
+                    seen["sustained"], seen["why"] = step, why
+        if "audit" in tripping:  # sustained over its own checks already: it flags at once
+            seen = self.fired.setdefault("audit", {"first": step, "sustained": None, "why": tripping["audit"]})
             if seen["sustained"] is None:
                 seen["sustained"], seen["why"] = step, tripping["audit"]
             if not self.flagged:
                 self.flag_step, self.reasons = step, [tripping["audit"]]
-        if self.streak >= self.patience and not self.flagged:
+        if fresh and self.streak >= self.patience and not self.flagged:
             self.flag_step, self.reasons = step, list(tripping.values())
         return list(tripping.values())
 

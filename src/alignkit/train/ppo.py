@@ -14,7 +14,6 @@ the same rollouts. The monitors and the hacking detector are `alignkit.rl.monito
 from __future__ import annotations
 
 import functools
-import inspect
 import math
 
 import torch
@@ -263,7 +262,7 @@ class PPOTrainer(Trainer):
             # the held-out score of the training reward's favourites (its top tenth): where the policy is heading
             top = raw_scores.cpu() >= torch.quantile(raw_scores.float().cpu(), 0.9)
             metrics["hacking/heldout_of_top"] = float(heldout_scores.cpu()[top].mean())
-        self.should_stop = self.monitors.update(step, metrics, heldout_scale) and cfg.stop_on_hacking
+        self.should_stop = (self.monitors.update(step, metrics, heldout_scale) or self.should_stop) and cfg.stop_on_hacking
         if step in (1, self.total_steps) or self.should_stop or (cfg.eval_every and step % cfg.eval_every == 0):
             self.monitors.write_samples(step, batch, raw_scores)
         return {**metrics, "finite": finite, "tokens": batch.num_tokens}
@@ -277,12 +276,11 @@ class PPOTrainer(Trainer):
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 1_000_003 + 999_983, batch_size=cfg.eval_batch_size or 256,
                              compute_dtype=self.compute_dtype, generate_fn=self.generate_fn)
-        measures = {}
-        if self.measures:  # an eval_fn with a `scores` parameter also gets the training reward's scores
-            takes_scores = "scores" in inspect.signature(self.measures).parameters and ev.proxy is not None
-            measures = self.measures(ev.prompts, ev.responses, **({"scores": ev.proxy.tolist()} if takes_scores else {}))
-        if "audit_n" in measures:  # a spot check by people (eval_fn): the detector's `audit` signal
-            self.monitors.detector.audit(measures["audit_approved"], measures["audit_n"])
+        measures = self.measures(ev.prompts, ev.responses) if self.measures else {}
+        if "audit_n" in measures:  # a spot check by people (eval_fn): the detector's `audit` signal, which may flag
+            self.monitors.detector.audit(measures["audit_approved"], measures["audit_n"])  # this iteration's policy
+            if self.monitors.update(self.monitors.detector.last_step, {}) and self.cfg.stop_on_hacking:
+                self.should_stop = True
         return {f"eval/{name}": float(v) for name, v in {**ev.summary(), **measures}.items()}
 
     def prepare(self, run) -> None:
