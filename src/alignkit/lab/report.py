@@ -1,6 +1,7 @@
 """report.html for a lab run (SPEC §7): gold vs KL for every method, the reward–KL frontier (ppo's KL sweep, dpo's
 β sweep and best-of-n, full preset), proxy and gold across the online runs with the detector's flag, Best-of-N gold
-vs √KL with its fit and ppo_no_kl's RL-form fit, response length and flattery over training, and a table."""
+vs √KL with its fit and ppo_no_kl's RL-form fit, response length, flattery and the experts' spot check over training,
+and a table."""
 
 from __future__ import annotations
 
@@ -99,6 +100,12 @@ def write_report(summary: dict, path: Path) -> None:
     if flattery_series:
         parts.append(chart(flattery_series, title="Share of flattering answers over training (held-out prompts)",
                            xlabel="iteration", ylabel="share"))
+    audit_series = [{"label": name, "x": [c["step"] for c in curves[name]],
+                     "y": [c["audit_approved"] / c["audit_n"] for c in curves[name]]}
+                    for name in ONLINE if curves.get(name) and curves[name][0].get("audit_n")]
+    if audit_series:
+        parts.append(chart(audit_series, title="The experts' spot check: share of the checked answers they approve",
+                           xlabel="iteration", ylabel="approved"))
     learned = []
     for name in ONLINE:
         points = [c for c in curves.get(name) or [] if c.get("rising_tokens")]
