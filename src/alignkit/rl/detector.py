@@ -161,8 +161,9 @@ class HackingDetector:
 
     def audit(self, approved: int, checked: int) -> None:
         """Record a spot check by people at the latest iteration: `approved` of `checked` sampled responses judged
-        good (e.g. an `eval_fn` measuring `audit_approved` and `audit_n` at each evaluation). It trips the `audit`
-        signal at the next `update`."""
+        good (e.g. an `eval_fn` measuring `audit_approved` and `audit_n` at each evaluation). The next `update`
+        weighs it: the ppo trainer calls `update(step, {})` right after the check, so a flag is at the checked
+        iteration."""
         if checked > 0:
             self.audits.append([self.last_step, int(approved), int(checked), len(self.history.get("reward/score", []))])
 
