@@ -236,10 +236,10 @@ def test_length_grouped_order_covers_each_epoch_and_groups_lengths():
     assert DataOrder(400, 8, seed=1, lengths=lengths).batch(7) == epoch[7]
 
 
-@pytest.mark.parametrize("command", ["kto", "ppo"])
+@pytest.mark.parametrize("command", ["ppo"])
 def test_a_multi_process_launch_of_a_trainer_without_it_is_refused_before_anything_is_written(
         tmp_path, tiny_model_dir, monkeypatch, capsys, command):
-    """`accelerate launch --num_processes 2` sets WORLD_SIZE=2: kto and ppo do not run on several processes yet,
+    """`accelerate launch --num_processes 2` sets WORLD_SIZE=2: ppo does not run on several processes yet,
     so they refuse (exit 2, one line saying why, no traceback) and write nothing."""
     from alignkit.cli import main
 

@@ -1,6 +1,7 @@
 """Several processes (SPEC §12): `accelerate launch --num_processes 2 -m alignkit COMMAND` with `batch_size` b
 makes the updates of one process with batch 2b — same logged losses and final weights up to the order of float
-additions — for the trainers that run on several processes (sft, reward, dpo); the others refuse (test_loop.py).
+additions — for sft, reward, dpo (its reference log-probs computed in shards too) and kto (its reference point the mean over
+every process's examples).
 
 On a machine without GPUs the processes are started with `--multi_gpu` (torchrun); alignkit then joins them over
 gloo. Each test launches real processes (seconds each)."""
@@ -41,7 +42,7 @@ def _metrics(run):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["sft", "reward", "dpo", "dpo-precomputed"])
+@pytest.mark.parametrize("variant", ["sft", "reward", "dpo", "dpo-precomputed", "kto"])
 def test_two_processes_make_the_updates_of_one_with_the_doubled_batch(tmp_path, harness, variant):
     from alignkit.examples import make_tiny_model
 
@@ -60,7 +61,7 @@ def test_two_processes_make_the_updates_of_one_with_the_doubled_batch(tmp_path, 
     assert [m["step"] for m in a] == [m["step"] for m in b] == [0, 1, 2, 3, 4, 5, 6]
     for x, y in zip(a, b):
         for key in x:
-            if "loss" in key or key in ("grad_norm", "epoch") or key.startswith("rewards/"):
+            if "loss" in key or key in ("grad_norm", "epoch", "kl", "eval/kl") or key.startswith("rewards/"):
                 assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key)
     harness.assert_same_final_weights(one, two, atol=1e-4)
     assert json.loads((two / "final" / "alignkit_run.json").read_text())["processes"] == 2

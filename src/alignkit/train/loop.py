@@ -111,10 +111,12 @@ class Task:
     eval_examples: list | None = None
     prepare: Callable[[RunDir, Processes], None] | None = None  # once the run folder exists (e.g. reference log-probs)
     derive: Callable[[dict], dict] | None = None      # metrics computed from aggregated ones (e.g. margins)
-    # a quantity of the whole optimizer step computed before its loss pass, over all of its micro-batches
-    # (without gradients), and passed to `loss` as `context` (e.g. KTO's reference point). Only computed
-    # when a step has several micro-batches: with one, `loss` gets context None and computes it itself.
-    step_context: Callable[[torch.nn.Module, list], Any] | None = None
+    # a mean over the whole optimizer step computed before its loss pass, over all of its micro-batches on every
+    # process (without gradients), and passed to `loss` as `context` (e.g. KTO's reference point):
+    # step_context(model, batches) returns the per-example values (1-D), the loop averages them over the step.
+    # Only computed when a step has several micro-batches or processes: with one, `loss` gets context None and
+    # computes it itself.
+    step_context: Callable[[torch.nn.Module, list], torch.Tensor] | None = None
     single_process: str = ""  # why this task cannot run on several processes yet ("" = it can)
 
 
@@ -209,9 +211,8 @@ def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float
     device = default_device()
     batches = [to_device(b, device) for b in batches]
     context = None
-    if task.step_context is not None and len(batches) > 1:
-        with torch.no_grad(), autocast_context(compute_dtype):
-            context = task.step_context(model, batches)
+    if task.step_context is not None and (len(batches) > 1 or procs.size > 1):
+        context = step_mean(model, batches, task, compute_dtype, procs)
     total_units = int(procs.sum([sum(task.units(b) for b in batches)])[0])
     sums: dict[str, list[float]] = {}
     loss_sum = 0.0
@@ -239,6 +240,18 @@ def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float
     metrics.update({k: s / c for k, (s, c) in sums.items() if c > 0})
     metrics["finite"] = finite
     return metrics
+
+
+@torch.no_grad()
+def step_mean(model, batches: list, task: Task, compute_dtype, procs: Processes) -> torch.Tensor:
+    """`task.step_context`'s values averaged over the step: every micro-batch of every process (float64 sums)."""
+    device = default_device()
+    values = torch.zeros(0, device=device)
+    if batches:
+        with autocast_context(compute_dtype):
+            values = task.step_context(model, batches)
+    total, count = procs.sum([float(values.double().sum()), float(values.numel())])
+    return torch.tensor(total / max(count, 1.0), device=device)
 
 
 @torch.no_grad()
