@@ -75,6 +75,49 @@ def test_two_processes_make_the_updates_of_one_with_the_doubled_batch(tmp_path, 
             assert ref_two[split].allclose(ref_one[split], atol=1e-4) and (ref_two[split] != 0).all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_ppo_on_two_processes_samples_and_updates_as_one_with_the_doubled_rollout(tmp_path, harness, algo):
+    """Each process samples its half of the iteration's prompts with its rows of the same seeded draws, scores and
+    measures them; the ppo minibatches are drawn over the whole rollout (2 epochs × 2 minibatches here), the
+    advantages whitened over it, grpo's groups stay whole; so every logged number — rollout means, losses, held-out
+    evaluation — and the final weights are those of one process with the doubled rollout_batch_size."""
+    import random
+
+    from alignkit.examples import ANIMALS, COLORS, make_tiny_model
+
+    model = str(make_tiny_model(tmp_path / "model"))
+    rng = random.Random(0)
+    rows = [{"prompt": f"describe the {rng.choice(COLORS)} {rng.choice(ANIMALS)} ->"} for _ in range(60)]
+    data = str(write_jsonl(tmp_path / "prompts.jsonl", rows))
+
+    def argv(out, rollout_batch_size):
+        return ["ppo", "--algo", algo, "--model", model, "--data", data, "--output-dir", str(out),
+                "--reward-fn", "python:alignkit.examples:good_word_share", "--rollout-batch-size",
+                str(rollout_batch_size), "--samples-per-prompt", "1" if algo == "ppo" else "3", "--max-new-tokens",
+                "8", "--max-steps", "4", "--lr", "1e-3", "--kl-coef", "0.05", "--seed", "5", "--eval-fraction",
+                "0.2", "--eval-every", "2", "--eval-batch-size", "9", "--log-every", "1", "--save-every", "0",
+                *(["--ppo-epochs", "2", "--num-minibatches", "2"] if algo == "ppo" else [])]
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    harness.alignkit(argv(one, 6))
+    done = subprocess.run(_launch(harness, argv(two, 3)), env=harness.env(), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = _metrics(one), _metrics(two)
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        assert set(x) == set(y)
+        for key in x:
+            if key not in ("tokens_per_s",):
+                assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key)
+    assert sum("eval/reward/score" in m for m in a) == 3 and ("value_loss" in a[-1]) == (algo == "ppo")
+    harness.assert_same_final_weights(one, two, atol=1e-4)
+    assert json.loads((two / "final" / "alignkit_run.json").read_text())["processes"] == 2
+    samples = [json.loads(line) for line in (two / "samples.jsonl").read_text().splitlines()]
+    assert samples == [json.loads(line) for line in (one / "samples.jsonl").read_text().splitlines()]
+
+
 def _descendants(pid: int) -> list[int]:
     """Every process below `pid` (from /proc: children of children too)."""
     children: dict[int, list[int]] = {}

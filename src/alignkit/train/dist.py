@@ -26,6 +26,19 @@ def launched_size() -> int:
     return int(world) if world.isdigit() and int(world) > 0 else 1
 
 
+def refuse_sharded_launch() -> None:
+    """An Accelerate config with FSDP or DeepSpeed asks for sharded parameters, which alignkit does not do yet: say
+    so before anything runs, rather than train replicated under a config that promised sharding."""
+    from alignkit.errors import UserError
+
+    for variable, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
+        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
+            raise UserError(f"this run was launched with an Accelerate config for {engine} ({variable} is set); "
+                            "alignkit does not shard parameters yet: launch with a data-parallel config "
+                            "(examples/accelerate/ddp.yaml) and, for a model that does not fit, LoRA and "
+                            "gradient checkpointing (docs/scaling.md)")
+
+
 class Processes:
     """This process's place among the run's processes, and the sums across them."""
 
@@ -35,6 +48,7 @@ class Processes:
     @classmethod
     def start(cls) -> Processes:
         """Join the launcher's processes (a no-op for one)."""
+        refuse_sharded_launch()
         if launched_size() == 1:
             return cls()
         from accelerate import PartialState
