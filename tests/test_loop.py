@@ -271,16 +271,20 @@ def test_resume_never_removes_every_artefact_of_the_previous_run(tmp_path, tiny_
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-@pytest.mark.parametrize("variable", ["ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"])
-def test_an_fsdp_or_deepspeed_launch_is_refused_not_run_replicated(tmp_path, tiny_model_dir, monkeypatch, variable):
-    """`accelerate launch --config_file fsdp.yaml` promises sharded parameters; alignkit does not shard yet, so it
-    says so (before writing anything) instead of training replicated."""
+@pytest.mark.parametrize("variable, says", [("ACCELERATE_USE_FSDP", "for FSDP version 1"),
+                                            ("ACCELERATE_USE_DEEPSPEED", "shards with PyTorch's FSDP2 instead")])
+def test_a_deepspeed_or_fsdp1_launch_is_refused_not_run_replicated(tmp_path, tiny_model_dir, monkeypatch, variable,
+                                                                   says):
+    """An Accelerate config for DeepSpeed, or for FSDP without `fsdp_version: 2`, promises a sharding alignkit does
+    not do: it says what to use (before writing anything) instead of training replicated. (FSDP2 runs:
+    test_processes.py.)"""
     from alignkit.errors import UserError
     from alignkit.train.sft import train_sft
 
     data = _write_run_inputs(tmp_path, "sft")
     monkeypatch.setenv(variable, "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
     out = tmp_path / "run"
-    with pytest.raises(UserError, match="does not shard parameters yet"):
+    with pytest.raises(UserError, match=says):
         train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=1))
     assert not out.exists()

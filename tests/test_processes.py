@@ -197,6 +197,58 @@ def test_the_example_accelerate_config_launches_two_processes(tmp_path, harness)
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("command", ["sft", "reward", "kto"])
+def test_fsdp2_on_two_processes_makes_the_updates_of_one_and_resumes_from_its_full_checkpoints(tmp_path, harness,
+                                                                                              command):
+    """examples/accelerate/fsdp2.yaml on CPU (gloo): the trained model sharded per decoder layer, gradients summed
+    by the reduce-scatter; the same losses and final weights as one process with the doubled batch. A second launch
+    with more steps resumes from the last checkpoint (full tensors gathered from the shards) and ends where an
+    uninterrupted sharded run ends (sft); final/ is a plain Hugging Face checkpoint. (dpo shares kto's preference
+    task; reward and kto shard a classifier head and run kto's reference-point pass under FSDP.)"""
+    from alignkit.examples import make_tiny_model
+
+    config = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp2.yaml"
+    model = str(make_tiny_model(tmp_path / "model"))
+    rows = sft_rows(96, seed=1) if command == "sft" else pairwise_rows(96, seed=1)
+    data = str(write_jsonl(tmp_path / "data.jsonl", rows))
+
+    def launch(argv):
+        done = subprocess.run([ACCELERATE, "launch", "--config_file", str(config), "--main_process_port",
+                               str(_free_port()), "-m", "alignkit", *argv], env=harness.env(), capture_output=True,
+                              text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done
+
+    one, two, resumed = tmp_path / "one", tmp_path / "two", tmp_path / "resumed"
+    harness.alignkit(_argv(command, model, data, one, 8))
+    launch(_argv(command, model, data, two, 4))
+    a, b = _metrics(one), _metrics(two)
+    assert [m["step"] for m in a] == [m["step"] for m in b]
+    for x, y in zip(a, b):
+        for key in x:  # (accuracy, a count of margins > 0, is left out: at the start the policy equals the
+            # reference, margins are 0 up to the rounding of the sharded forward, and a 1e-9 margin flips a count)
+            if "loss" in key or key in ("grad_norm", "epoch") or key.startswith("rewards/") and "accuracy" not in key:
+                assert y[key] == pytest.approx(x[key], abs=1e-4), (x["step"], key)
+    harness.assert_same_final_weights(one, two, atol=1e-4)
+    config_json = json.loads((two / "final" / "config.json").read_text())
+    plain = "LlamaForSequenceClassification" if command == "reward" else "LlamaForCausalLM"
+    assert config_json["architectures"] == [plain]  # a plain checkpoint, not the FSDP wrapper's
+    assert json.loads((two / "final" / "alignkit_run.json").read_text())["sharding"] == "fsdp2"
+    if command != "sft":
+        return
+    # a run with a checkpoint at step 3 of 6 (full tensors gathered from the shards); its final/ removed, the same
+    # launch resumes from that checkpoint, each process loading the full tensors into its shards
+    argv = _argv(command, model, data, resumed, 4)
+    argv[argv.index("--save-every") + 1] = "3"
+    launch(argv)
+    assert (resumed / "checkpoints" / "step-3" / "model.safetensors").is_file()
+    shutil.rmtree(resumed / "final")
+    again = launch(argv)
+    assert "resuming from" in again.stderr and "(step 3 of 6)" in again.stderr, again.stderr[-2000:]
+    harness.assert_same_final_weights(two, resumed, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_launcher_stops_both_processes_at_one_step_and_the_relaunch_matches(tmp_path, harness):
     """torchrun forwards SIGTERM to its workers: both stop after the same step (they agree through an all-reduce),
     one checkpoint is written with save_every 0, and the same launch again ends with the weights of a run never

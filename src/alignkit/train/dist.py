@@ -26,29 +26,16 @@ def launched_size() -> int:
     return int(world) if world.isdigit() and int(world) > 0 else 1
 
 
-def refuse_sharded_launch() -> None:
-    """An Accelerate config with FSDP or DeepSpeed asks for sharded parameters, which alignkit does not do yet: say
-    so before anything runs, rather than train replicated under a config that promised sharding."""
-    from alignkit.errors import UserError
-
-    for variable, engine in (("ACCELERATE_USE_FSDP", "FSDP"), ("ACCELERATE_USE_DEEPSPEED", "DeepSpeed")):
-        if os.environ.get(variable, "").strip().lower() in ("1", "true", "yes"):
-            raise UserError(f"this run was launched with an Accelerate config for {engine} ({variable} is set); "
-                            "alignkit does not shard parameters yet: launch with a data-parallel config "
-                            "(examples/accelerate/ddp.yaml) and, for a model that does not fit, LoRA and "
-                            "gradient checkpointing (docs/scaling.md)")
-
-
 class Processes:
     """This process's place among the run's processes, and the sums across them."""
 
     def __init__(self, rank: int = 0, size: int = 1):
         self.rank, self.size = rank, size
+        self.sharded = False  # FSDP2 (`alignkit.train.shard`) reduces the gradients itself
 
     @classmethod
     def start(cls) -> Processes:
         """Join the launcher's processes (a no-op for one)."""
-        refuse_sharded_launch()
         if launched_size() == 1:
             return cls()
         from accelerate import PartialState
@@ -79,8 +66,9 @@ class Processes:
         return t
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients over the processes, in one flat buffer (a parameter without a gradient counts 0)."""
-        if self.size == 1 or not params:
+        """Sum the gradients over the processes, in one flat buffer (a parameter without a gradient counts 0); under
+        FSDP2 the sharded models' reduce-scatter has summed them already."""
+        if self.size == 1 or not params or self.sharded:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])

@@ -245,6 +245,8 @@ class PPOTrainer(Trainer):
         # the seeded order, split among the processes (`PPOTrainer.share`)
         self.processes = launched_size()
         self.supports_processes = True
+        self.sharding_reason = ("sampling under FSDP needs every process to run the same number of forward "
+                                "passes, which generation does not yet")
         prompts_per_step = cfg.rollout_batch_size * self.processes
         self.order = DataOrder(len(self.prompts), prompts_per_step, cfg.seed)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.prompts) / prompts_per_step))
