@@ -99,8 +99,11 @@ def _first_forward(model) -> None:
     """One token through the whole model, so that it is the root of its FSDP units (alignkit later calls the
     backbone and the head on their own; a unit called first would make itself a root)."""
     device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()  # no dropout, and no draw from the RNG that a run's dropout continues from
     with torch.no_grad():
         model(input_ids=torch.zeros((1, 1), dtype=torch.long, device=device))
+    model.train(was_training)
 
 
 def is_sharded(modules: torch.nn.Module) -> bool:
