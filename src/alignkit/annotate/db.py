@@ -33,7 +33,7 @@ from alignkit.errors import UserError
 SCHEMA_VERSION = 1
 TOKEN_BYTES = 24             # secrets.token_urlsafe(24): 32 characters, 192 random bits
 MAX_TOKEN_LENGTH = 200       # anything longer is not a token of ours (and is not hashed)
-RESERVATION_S = 30 * 60      # an item shown to someone is held for them this long before others get it first
+RESERVATION_S = 30 * 60      # an item shown to someone is held for them this long (then others may get it)
 MAX_NAME_LENGTH = 100
 MAX_COMMENT_LENGTH = 5000
 
@@ -306,12 +306,14 @@ class Store:
     def current(self, annotator_id: int, overlap: int) -> Judgement | None:
         """The item this annotator is on: the one shown and not yet answered, else the next one of their queue
         (shown from now on, in a new random order), or None when nothing is left for them."""
-        from sqlalchemy import insert
+        from sqlalchemy import delete, insert
 
         with self._lock, self.engine.begin() as c:
             shown = self._open(c, annotator_id)
-            if shown is not None:
+            if shown is not None and self._done_count(c, shown.item_id) < overlap:
                 return shown
+            if shown is not None:  # others completed it meanwhile (after this one's hold ran out): it leaves
+                c.execute(delete(self.judgements).where(self.judgements.c.id == shown.id))
             item_id = self._next_item(c, annotator_id, overlap)
             if item_id is None:
                 return None
@@ -331,11 +333,23 @@ class Store:
                         .order_by(j.c.shown_at, j.c.id).limit(1)).first()
         return None if row is None else _judgement(row)
 
+    def _done_count(self, c, item_id: int) -> int:
+        from sqlalchemy import func, select
+
+        j = self.judgements
+        return int(c.execute(select(func.count()).where(j.c.item_id == item_id, j.c.status == "done")).scalar())
+
     def _next_item(self, c, annotator_id: int, overlap: int) -> int | None:
-        """Not yet seen by this annotator, with fewer than `overlap` judgements; first the items nobody else
-        holds open (shown in the last RESERVATION_S), then those with the most judgements already (so that
-        overlapping sets fill up), then in data order."""
-        from sqlalchemy import case, func, select
+        """The next of `_available`: those with the most judgements first (overlapping sets fill up), then in
+        data order."""
+        query, n_done = self._available(annotator_id, overlap)
+        return c.execute(query.order_by(n_done.desc(), self.items.c.id).limit(1)).scalar()
+
+    def _available(self, annotator_id: int, overlap: int):
+        """(a query of the ids of the items this annotator may get next, their judgement counts): items they have
+        not seen whose judgements, plus the annotators holding them on screen (shown in the last RESERVATION_S,
+        not answered), are fewer than `overlap` — so that an item goes to exactly k people."""
+        from sqlalchemy import func, select
 
         j, items = self.judgements, self.items
         done = (select(j.c.item_id, func.count().label("n")).where(j.c.status == "done")
@@ -349,10 +363,8 @@ class Store:
         query = (select(items.c.id)
                  .select_from(items.outerjoin(done, done.c.item_id == items.c.id)
                               .outerjoin(held, held.c.item_id == items.c.id))
-                 .where(items.c.id.not_in(seen), n_done < overlap)
-                 .order_by(case((n_done + n_held >= overlap, 1), else_=0), n_done.desc(), items.c.id)
-                 .limit(1))
-        return c.execute(query).scalar()
+                 .where(items.c.id.not_in(seen), n_done + n_held < overlap))
+        return query, n_done
 
     def judgement(self, annotator_id: int, item_id: int) -> Judgement | None:
         from sqlalchemy import select
@@ -420,20 +432,18 @@ class Store:
 
     # -- progress -------------------------------------------------------------------------------------
     def progress(self, annotator_id: int, overlap: int) -> dict:
-        """{done, skipped, left}: left counts the items still to come for this annotator, the one on screen
-        included."""
+        """{done, skipped, left}: left counts the item on the annotator's screen and those they may get next
+        (an item held on someone else's screen is not counted: it comes back only if they skip it)."""
         from sqlalchemy import func, select
 
-        j, items = self.judgements, self.items
+        j = self.judgements
         with self.engine.connect() as c:
             counts = dict(c.execute(select(j.c.status, func.count()).where(j.c.annotator_id == annotator_id)
                                     .group_by(j.c.status)).all())
-            done = select(j.c.item_id).where(j.c.status == "done").group_by(j.c.item_id) \
-                .having(func.count() >= overlap)
-            answered = select(j.c.item_id).where(j.c.annotator_id == annotator_id, j.c.status != "open")
-            left = c.execute(select(func.count()).select_from(items)
-                             .where(items.c.id.not_in(done), items.c.id.not_in(answered))).scalar()
-        return {"done": counts.get("done", 0), "skipped": counts.get("skipped", 0), "left": int(left)}
+            query, _ = self._available(annotator_id, overlap)
+            left = c.execute(select(func.count()).select_from(query.subquery())).scalar()
+        return {"done": counts.get("done", 0), "skipped": counts.get("skipped", 0),
+                "left": int(left) + min(counts.get("open", 0), 1)}
 
     def judgements_of(self, statuses: tuple[str, ...] = ("done",)) -> list[Judgement]:
         from sqlalchemy import select
