@@ -16,8 +16,11 @@ How they are applied to rankings (`annotation_stats`):
   untied rankings of one size every rank is used equally often, and the ordinal metric then equals the
   interval metric up to a constant (α is the same); with ties, the ordinal metric spaces values by how often
   they are used instead of assuming mid-ranks are equidistant.
-- pairwise agreement and κ: a unit is a pair of responses (i < j in the data's order) of an item that two
-  annotators both ranked; the answer is "i better", "tie" or "j better".
+- pairwise agreement and κ: a unit is a pair of responses of an item that two annotators both ranked; the
+  answer is "i better", "tie" or "j better". κ counts every pair in both orientations, (i, j) and (j, i), so
+  that it does not depend on the order in which the candidate file lists the responses (a file listed best
+  first would otherwise make one answer nearly constant and κ near 0 however well people agree: the "κ
+  paradox"); each annotator's answer frequencies are then symmetric, as in Scott's π.
 - τ-b: per item, between two annotators' rankings, averaged over items and annotator pairs (items where τ-b is
   undefined — one annotator tied everything — are left out).
 """
@@ -183,7 +186,7 @@ def _agreement(by_item: dict, names: dict, metric: str) -> dict:
             if tau is not None:
                 taus.append(tau)
     every = [pair for pairs in answers.values() for pair in pairs]
-    kappas = [{"annotators": list(key), "pairs": len(pairs), "kappa": cohen_kappa(pairs),
+    kappas = [{"annotators": list(key), "pairs": len(pairs), "kappa": cohen_kappa(_both_ways(pairs)),
                "agreement": sum(x == y for x, y in pairs) / len(pairs)} for key, pairs in sorted(answers.items())]
     return {
         "items": len(shared),
@@ -194,6 +197,10 @@ def _agreement(by_item: dict, names: dict, metric: str) -> dict:
         "kendall_tau_b": statistics.fmean(taus) if taus else None,
         "cohen_kappa": kappas,
     }
+
+
+def _both_ways(pairs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    return pairs + [(-a, -b) for a, b in pairs]
 
 
 def _position_bias(done) -> dict:
