@@ -78,7 +78,16 @@ def run_annotate(argv: list[str]) -> None:
     parsers = _parsers()
     command = argv[0] if argv and argv[0] in parsers else "serve"
     args = parsers[command].parse_args(argv[1:] if argv and argv[0] == command else argv)
+    _check_installed(("sqlalchemy", "fastapi", "uvicorn", "jinja2") if command == "serve" else ("sqlalchemy",))
     {"serve": _serve, "add-annotator": _add_annotator, "export": _export, "stats": _stats}[command](args)
+
+
+def _check_installed(modules: tuple[str, ...]) -> None:
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise UserError(f"alignkit annotate needs {', '.join(missing)}: pip install \"alignkit[annotate]\"")
 
 
 def link(base: str, token: str, page: str = "") -> str:
