@@ -150,3 +150,50 @@ def test_export_rows_are_read_by_the_data_layer_as_their_kind(tmp_path):
                 ("kind clear", "clear wrong"), ("kind rude", "clear wrong")}
         if kind == "unary":
             assert [(r.completion, r.label) for r in loaded.rows] == [("rude vague", True), ("clear wrong", False)]
+
+
+def test_the_stats_report_by_hand(tmp_path):
+    """Two annotators, two items of 3 responses shown in data order (so position = response); item 1 has label 0,
+    item 2 scores (3, 2, 1). Ranks: a: item 1 (1, 2, 3), item 2 (1, 1, 2); b: item 1 (2, 1, 3), item 2 (1, 2, 3).
+    - pair answers over (0,1) (0,2) (1,2): item 1 a (+, +, +), b (−, +, +); item 2 a (=, +, +), b (+, +, +):
+      4 of 6 agree.
+    - κ over both orientations: a answers + 5, − 5, = 2 (of 12); b + 6, − 6: p_e = 2 · 5/12 · 6/12 = 5/12,
+      p_o = 8/12, κ = (8/12 − 5/12) / (7/12) = 3/7.
+    - τ-b: item 1: one discordant, two concordant pairs: 1/3; item 2: a ties (0, 1), two concordant: 2/√(2·3).
+    - interval α over mid-ranks: units (1, 2) (2, 1) (3, 3) (1.5, 1) (1.5, 2) (3, 3); observed Σ o δ² = 2 + 2 +
+      0.5 + 0.5 = 5; the 12 values have mean 2 and Σ (v − 2)² = 7.5, so Σ n_c n_k δ² = 2 · 12 · 7.5 = 180;
+      α = 1 − 11 · 5 / 180.
+    - position bias: response 0 (shown first) best for a on item 1 (1), half of a's tie on item 2 (½), not for b on
+      item 1 (0), for b on item 2 (1): 2.5/4; the second position: 1 (b, item 1) + ½ (a's tie) = 1.5/4; chance 1/3.
+    - label 0 (item 1): a 1, b 0. Scores (item 2): a τ-b 2/√6, b 1."""
+    from alignkit.annotate.candidates import Candidate
+    from alignkit.annotate.db import open_store
+    from alignkit.annotate.stats import annotation_stats, format_stats
+
+    store = open_store(str(tmp_path / "feedback.sqlite"))
+    store._random.shuffle = lambda order: None  # show every item in data order
+    store.add_items([Candidate("p1", ["x", "y", "z"], 0, None, "c:1"), Candidate("p2", ["u", "v", "w"], None,
+                                                                              [3.0, 2.0, 1.0], "c:2")])
+    ranks = {"a": {1: [1, 2, 3], 2: [1, 1, 2]}, "b": {1: [2, 1, 3], 2: [1, 2, 3]}}
+    for name, wanted in ranks.items():
+        annotator = store.authenticate(store.add_annotator(name))
+        for _ in wanted:
+            shown = store.current(annotator.id, 2)
+            store.submit(annotator.id, shown.item_id, groups_from_ranks(wanted[shown.item_id], shown.order))
+    store.set_setting("overlap", 2)
+    report = annotation_stats(store, metric="interval")
+    agreement = report["agreement"]
+    assert agreement["pairwise_agreement"] == pytest.approx(4 / 6)
+    assert agreement["cohen_kappa"][0]["kappa"] == pytest.approx(3 / 7)
+    assert agreement["kendall_tau_b"] == pytest.approx((1 / 3 + 2 / math.sqrt(6)) / 2)
+    assert agreement["krippendorff_alpha"] == pytest.approx(1 - 11 * 5 / 180)
+    bias = report["position_bias"]
+    assert bias["first_shown_best"] == pytest.approx(2.5 / 4) and bias["chance"] == pytest.approx(1 / 3)
+    assert bias["best_by_position"] == pytest.approx([2.5 / 4, 1.5 / 4, 0.0])
+    assert report["label"]["per_annotator"] == {"a": 1.0, "b": 0.0} and report["label"]["agreement"] == 0.5
+    assert report["scores"]["kendall_tau_b"] == pytest.approx((2 / math.sqrt(6) + 1) / 2)
+    assert report["items_complete"] == 2 and [a["done"] for a in report["annotators"]] == [2, 2]
+    text = format_stats(report)
+    assert "pairwise agreement    0.667" in text and "Cohen's kappa         0.429" in text
+    assert "Krippendorff's alpha  0.694  (interval metric" in text
+    assert annotation_stats(store)["agreement"]["alpha_metric"] == "ordinal"
