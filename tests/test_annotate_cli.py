@@ -60,6 +60,17 @@ def test_bad_candidates_exit_2_naming_file_line_and_field(tmp_path, capsys, case
     assert not db.exists()  # the candidates are checked before the database is made
 
 
+def test_candidates_from_label_ranked_or_pairwise(tmp_path):
+    from alignkit.annotate.candidates import read_candidates
+
+    data = tmp_path / "labelled.jsonl"
+    data.write_text('{"prompt": "p", "responses": ["b", "a", "c"], "scores": [2, 3, 1], "_row": 0}\n'
+                    '{"prompt": "q", "chosen": "yes", "rejected": "no", "_row": 1}\n')
+    ranked, pair = read_candidates([str(data)])
+    assert ranked.responses == ["b", "a", "c"] and ranked.scores == [2.0, 3.0, 1.0] and ranked.label is None
+    assert pair.responses == ["yes", "no"] and pair.scores == [1.0, 0.0] and pair.source == f"{data}:2"
+
+
 def test_other_mistakes_exit_2_with_one_line(tmp_path, capsys):
     db = str(tmp_path / "feedback.sqlite")
     not_db = tmp_path / "notes.txt"

@@ -127,6 +127,7 @@ def build_app(store: Store, overlap: int):
     from starlette.exceptions import HTTPException
 
     annotation = Annotation(store, overlap)
+    store.set_setting("overlap", overlap)  # for stats and the progress page
     templates = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=True)
     app = FastAPI(title="alignkit annotate", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")

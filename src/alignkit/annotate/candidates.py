@@ -2,7 +2,8 @@
 
 A row is ``{"prompt", "responses": [2 to 4 candidates]}``, optionally with ``"label"`` (the index of the truly
 better response) and ``"scores"`` (e.g. an AI judge's, from `alignkit label`'s ranked output), both used only
-to report agreement. Prompts and responses are strings or chat messages, checked by the data layer; a bad
+to report agreement. A pairwise row (``prompt``, ``chosen``, ``rejected``: what `label --n 2` writes) is taken as
+the two candidates with scores (1, 0), the judge's verdict. Prompts and responses are strings or chat messages, checked by the data layer; a bad
 row raises a DataError naming file, line and field.
 """
 
@@ -39,6 +40,9 @@ def read_candidates(paths: list[str]) -> list[Candidate]:
 def _candidate(where: str, record: object) -> Candidate:
     if isinstance(record, InvalidRecord):
         raise DataError(where, record.message)
+    if isinstance(record, dict) and record.get("responses") is None and record.get("chosen") is not None:
+        pair = parse_row(record, "pairwise", where)
+        return Candidate(pair.prompt, [pair.chosen, pair.rejected], None, [1.0, 0.0], where)
     if isinstance(record, dict) and record.get("responses") is None:
         raise DataError(where, 'field "responses" is missing (2 to 4 candidate responses to rank; '
                                '`alignkit label --policy M --n N` can generate them)')

@@ -138,7 +138,6 @@ def _serve(args) -> None:
     total = store.count_items()
     if total == 0:
         raise UserError(f"{store.shown}: holds no items yet; give --data CANDIDATES.jsonl")
-    store.set_setting("overlap", args.overlap)
     try:
         sock = bind(args.host, args.port)
     except OSError as e:
