@@ -112,6 +112,7 @@ def test_model_text_with_html_and_script_is_data_not_markup(served):
     assert ".textContent = " in script
     admin = client.get("/progress", params={"token": served.tokens["boss"]})
     assert admin.status_code == 200 and "&lt;b&gt;boss&lt;/b&gt;" in admin.text and "<b>boss" not in admin.text
+    assert "4 items, each for 2 annotators: <strong>0</strong> complete, 0 started, 4 untouched" in " ".join(admin.text.split())
 
 
 def test_nobody_sees_another_annotators_answers(served):

@@ -306,6 +306,6 @@ def progress_table(store, overlap: int) -> dict:
                            "flagged_unsafe": sum(j.unsafe for j in done),
                            "median_seconds": None if not seconds else round(statistics.median(seconds), 1),
                            "last_active": None if last is None else time.strftime("%Y-%m-%d %H:%M", time.localtime(last))})
-    return {"overlap": overlap, "items": total, "complete": complete,
+    return {"overlap": overlap, "total": total, "complete": complete,
             "started": sum(0 < n < overlap for n in per_item.values()), "untouched": total - len(per_item),
             "judgements": sum(per_item.values()), "needed": total * overlap, "annotators": annotators}
