@@ -236,26 +236,21 @@ def test_length_grouped_order_covers_each_epoch_and_groups_lengths():
     assert DataOrder(400, 8, seed=1, lengths=lengths).batch(7) == epoch[7]
 
 
-@pytest.mark.parametrize("command", ["kto", "ppo"])
-def test_a_multi_process_launch_of_a_trainer_without_it_is_refused_before_anything_is_written(
-        tmp_path, tiny_model_dir, monkeypatch, capsys, command):
-    """`accelerate launch --num_processes 2` sets WORLD_SIZE=2: kto and ppo do not run on several processes yet,
-    so they refuse (exit 2, one line saying why, no traceback) and write nothing."""
-    from alignkit.cli import main
+def test_a_multi_process_launch_of_a_trainer_without_it_is_refused_before_anything_is_written(tmp_path, monkeypatch):
+    """`accelerate launch --num_processes 2` sets WORLD_SIZE=2: a trainer that cannot run on several processes
+    (every built-in one can) refuses with its reason and writes nothing."""
+    from alignkit.errors import UserError
+    from alignkit.train.loop import Trainer, run
 
-    data = _write_run_inputs(tmp_path, "pairwise")
-    extra = ["--reward-fn", "python:alignkit.examples:good_word_share", "--rollout-batch-size", "2",
-             "--max-new-tokens", "4"] if command == "ppo" else []
+    class OneOnly(Trainer):
+        name, modules = "one-only", torch.nn.Linear(1, 1)
+        single_process_reason = "its state lives in one process"
+
     monkeypatch.setenv("WORLD_SIZE", "2")
     out = tmp_path / "run"
-    argv = [command, "--model", tiny_model_dir, "--data", str(data), "--output-dir", str(out), "--max-steps", "1",
-            *extra]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert "launched as 2 processes" in err and "cannot run on several" in err and "Traceback" not in err
+    with pytest.raises(UserError, match="launched as 2 processes.*cannot run on several: its state lives"):
+        run(SFTConfig(model="unused", data=("unused",), output_dir=str(out)), OneOnly())
     assert not out.exists()
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    assert main(argv) == 0
 
 
 def test_resume_never_removes_every_artefact_of_the_previous_run(tmp_path, tiny_model_dir):
@@ -274,3 +269,22 @@ def test_resume_never_removes_every_artefact_of_the_previous_run(tmp_path, tiny_
                         resume="never"))
     assert sorted(p.name for p in out.iterdir()) == ["config.yaml", "final", "metrics.jsonl", "ref_logps.safetensors"]
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+
+
+@pytest.mark.parametrize("variable, says", [("ACCELERATE_USE_FSDP", "for FSDP version 1"),
+                                            ("ACCELERATE_USE_DEEPSPEED", "shards with PyTorch's FSDP2 instead")])
+def test_a_deepspeed_or_fsdp1_launch_is_refused_not_run_replicated(tmp_path, tiny_model_dir, monkeypatch, variable,
+                                                                   says):
+    """An Accelerate config for DeepSpeed, or for FSDP without `fsdp_version: 2`, promises a sharding alignkit does
+    not do: it says what to use (before writing anything) instead of training replicated. (FSDP2 runs:
+    test_processes.py.)"""
+    from alignkit.errors import UserError
+    from alignkit.train.sft import train_sft
+
+    data = _write_run_inputs(tmp_path, "sft")
+    monkeypatch.setenv(variable, "true")
+    monkeypatch.delenv("FSDP_VERSION", raising=False)
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match=says):
+        train_sft(SFTConfig(model=tiny_model_dir, data=(str(data),), output_dir=str(out), max_steps=1))
+    assert not out.exists()

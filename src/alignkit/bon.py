@@ -248,9 +248,12 @@ def run_bon(cfg) -> dict:
         scorer = Scorer(cfg, policy_tokenizer=tokenizer, judge=judge)
     model = load_causal_lm(cfg.model, cfg.dtype, cfg.trust_remote_code, for_training=False).eval()
     bar = tqdm(total=len(prompts), desc=f"alignkit bon (n={cfg.n})", unit="prompt", disable=None, file=sys.stderr)
+    from alignkit.rl.vllm_backend import generate_fn_for
+
     picked = best_of_n(model, tokenizer, prompts, scorer, cfg.n, max_new_tokens=cfg.max_new_tokens,
                        temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed, batch_size=cfg.batch_size,
-                       compute_dtype=training_dtypes(cfg.dtype)[1], progress=bar.update)
+                       compute_dtype=training_dtypes(cfg.dtype)[1], progress=bar.update,
+                       generate_fn=generate_fn_for(cfg, cfg.model))
     bar.close()
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)

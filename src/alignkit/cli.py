@@ -113,6 +113,9 @@ def _make_parser() -> argparse.ArgumentParser:
     lab.add_argument("--output-dir", default="runs/lab", help="where summary.json, report.html and the runs go "
                      "(default: runs/lab)")
     lab.add_argument("--verbose", action="store_true", help="show the trainers' own progress output")
+    # `annotate` reads its own sub-commands and options (alignkit.annotate.cli); listed here for --help
+    sub.add_parser("annotate", add_help=False, help="the human-feedback web app: people rank candidate responses; "
+                   "add-annotator, export (datasets for reward/dpo/kto), stats (agreement, position bias)")
     report = sub.add_parser("report", help="an HTML report of runs: curves, evaluation, hacking monitors, final "
                             "metrics, config differences", description="alignkit report: one self-contained HTML "
                             "file for any runs (sft, reward, dpo, kto, ppo; finished or not): a chart per logged "
@@ -159,6 +162,7 @@ def _run_data_check(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = _make_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command is None:
@@ -167,6 +171,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command in CONFIG_COMMANDS:
             _run_training(args.command, args, extra)
+        elif args.command == "annotate":
+            from alignkit.annotate.cli import run_annotate
+
+            run_annotate(argv[argv.index("annotate") + 1:])
         elif extra:
             raise UserError(f"unexpected arguments: {' '.join(extra)}")
         elif args.command == "data":

@@ -175,7 +175,18 @@ class KTOConfig(PreferenceConfig):
 
 
 @dataclass(frozen=True)
-class PPOConfig(TrainConfig):
+class GenerationFields:
+    """The generation engine of the commands that sample from a policy (ppo, bon, label, eval, serve)."""
+
+    generation_backend: str = option("hf", "Engine that samples: hf = alignkit's KV-cache sampler; vllm = a vLLM "
+                                     "engine colocated in this process (needs a GPU and `pip install "
+                                     "'alignkit[vllm]'`; docs/scaling.md).", ("hf", "vllm"))
+    vllm_gpu_memory_utilization: float = option(0.3, "vllm: share of the GPU's memory the engine may take while "
+                                                "it generates (it sleeps, freeing it, between generations).")
+
+
+@dataclass(frozen=True)
+class PPOConfig(TrainConfig, GenerationFields):
     """`alignkit ppo`: online RLHF — PPO with a value model, or the critic-free RLOO and GRPO — on prompts,
     against reward models, a rule reward, or both, with a KL penalty to the frozen starting policy."""
 
@@ -217,7 +228,7 @@ class PPOConfig(TrainConfig):
     vf_coef: float = option(0.1, "Weight of the value loss.")
     ppo_epochs: int = option(1, "Passes over each rollout.")
     num_minibatches: int = option(1, "Minibatches per pass.")
-    rollout_batch_size: int = option(16, "Prompts per iteration.")
+    rollout_batch_size: int = option(16, "Prompts per iteration, per process (under `accelerate launch` an iteration takes rollout_batch_size × processes).")
     samples_per_prompt: int = option(0, "Completions per prompt (the group for rloo/grpo; at least 2 there); "
                                      "0 = by algo: 1 for ppo, 4 for rloo and grpo.")
     eval_samples_per_prompt: int = option(0, "Completions per held-out prompt (eval_data or eval_fraction) at each evaluation; 0 = as in training (samples_per_prompt, by algo when 0).")
@@ -251,9 +262,13 @@ class PPOConfig(TrainConfig):
                             f'got {self.samples_per_prompt}')
         if not (self.reward_models or self.reward_model or self.reward_fn or self.reward_judge):
             raise UserError('give reward_models (or reward_model), reward_fn and/or reward_judge')
-        if self.rollout_batch_size * self.group_size % self.num_minibatches:
+        from alignkit.train.dist import launched_size
+
+        processes = launched_size()  # the minibatches are of the whole rollout, every process's samples
+        if self.rollout_batch_size * processes * self.group_size % self.num_minibatches:
             raise UserError(f'"num_minibatches" must divide rollout_batch_size × samples_per_prompt '
-                            f'({self.rollout_batch_size} × {self.group_size})')
+                            f'({self.rollout_batch_size} × {self.group_size})'
+                            + (f' × {processes} processes' if processes > 1 else ''))
         if not self.temperature > 0:
             raise UserError(f'field "temperature" must be positive, got {self.temperature}')
         for name in ("hacking_kl_budget", "hacking_length_ratio", "hacking_distinct_ratio", "hacking_ensemble_ratio",
@@ -267,7 +282,7 @@ class PPOConfig(TrainConfig):
 
 
 @dataclass(frozen=True)
-class BonConfig:
+class BonConfig(GenerationFields):
     """`alignkit bon`: Best-of-N — sample n responses per prompt, score them with reward models (an ensemble)
     and/or a rule reward, keep the best (SPEC §10)."""
 
@@ -308,7 +323,7 @@ class BonConfig:
 
 
 @dataclass(frozen=True)
-class JudgeFields:
+class JudgeFields(GenerationFields):
     """Fields of the commands that use a judge (label, eval); not a training config."""
 
     judge: str = option("", "The judge (SPEC §9): rm:PATH[,PATH2…][#mean|min|uwo], lm:PATH, openai:URL#MODEL or "
@@ -389,7 +404,7 @@ class EvalConfig(JudgeFields):
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(GenerationFields):
     """`alignkit serve`: an OpenAI-compatible HTTP server for a policy, optionally answering with the best of
     n samples under reward models or a rule (SPEC §10). Concurrent requests are generated together."""
 

@@ -266,6 +266,9 @@ class _Generator:
         self.model = load_causal_lm(cfg.policy, cfg.dtype, cfg.trust_remote_code, for_training=False).eval()
         self.encoder = Encoder(self.tokenizer, cfg.max_length, cfg.max_prompt_length)
         self.cfg = cfg
+        from alignkit.rl.vllm_backend import generate_fn_for
+
+        self.generate_fn = generate_fn_for(cfg, cfg.policy)
 
     def __call__(self, prompts: list, seed: int, chunk: int) -> list[list[str]]:
         from alignkit.rl.responses import sample_responses
@@ -274,5 +277,5 @@ class _Generator:
         generator = torch.Generator().manual_seed(seed * 1_000_003 + chunk)
         sampled = sample_responses(self.model, self.tokenizer, [(p, self.encoder.prompt_ids(p)) for p in prompts],
                                    cfg.n, max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, generator=generator)
+                                   top_p=cfg.top_p, generator=generator, generate_fn=self.generate_fn)
         return [sampled.texts[i * cfg.n:(i + 1) * cfg.n] for i in range(len(prompts))]

@@ -119,6 +119,7 @@ def run_eval(cfg) -> dict:
     from alignkit.data.tokenize import Encoder, same_vocabulary
     from alignkit.models.load import load_causal_lm, load_tokenizer
     from alignkit.rl.evaluate import evaluate_policy
+    from alignkit.rl.vllm_backend import generate_fn_for
 
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
@@ -141,7 +142,7 @@ def run_eval(cfg) -> dict:
         sampled[name] = evaluate_policy(
             model, tokenizer, [(p, encoder.prompt_ids(p)) for p in prompts], reference=reference,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p, seed=cfg.seed,
-            batch_size=cfg.batch_size)
+            batch_size=cfg.batch_size, generate_fn=generate_fn_for(cfg, getattr(cfg, name)))
     answers = {name: sampled[name].responses for name in sampled}
     verdicts: list[Verdict] = []
     with tqdm(total=len(prompts), desc="judge", unit="prompt", file=sys.stderr, disable=None) as bar:

@@ -209,7 +209,11 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
 
 
 def save_pretrained_atomic(model, tokenizer, path: Path, lora_save: str = "merged") -> None:
-    """Write a Hugging Face checkpoint (safetensors + tokenizer) into `path` atomically."""
+    """Write a Hugging Face checkpoint (safetensors + tokenizer) into `path` atomically (an FSDP-sharded model:
+    the full copy `alignkit.train.shard.gather_for_saving` made)."""
+    from alignkit.train.shard import full_copy
+
+    model = full_copy(model)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -17,7 +17,7 @@ from alignkit.data.collate import to_device
 from alignkit.models.logps import packed_logps
 from alignkit.models.precision import autocast_context
 from alignkit.rl.responses import sample_responses
-from alignkit.rl.rollout import GenerateFn, generate
+from alignkit.rl.rollout import GenerateFn, SharedGenerator, generate
 
 
 @dataclass
@@ -43,7 +43,7 @@ class PolicyEvaluation:
 def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], *, reference=None, scorer=None,
                     gold=None, samples_per_prompt: int = 1, max_new_tokens: int = 32, temperature: float = 1.0,
                     top_p: float = 1.0, seed: int = 0, batch_size: int = 256, compute_dtype=None,
-                    generate_fn: GenerateFn = generate) -> PolicyEvaluation:
+                    generate_fn: GenerateFn = generate, procs=None) -> PolicyEvaluation:
     """Sample `samples_per_prompt` responses for each (prompt, prompt_ids) and measure them.
 
     `reference`: the model the KL is measured against; None = the policy with its LoRA adapters disabled (a
@@ -51,6 +51,8 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
     f(prompts, responses) -> list[float] (or None). Both sides of the KL come from the same packed forward (not
     the sampler's cached decoding), so that rounding in bfloat16 cannot make a policy differ from itself.
     `batch_size`: samples generated at once; `generate_fn`: the sampling engine (`alignkit.rl.rollout.GenerateFn`).
+    `procs` (`alignkit.train.dist.Processes`): several processes each sample a contiguous share of every chunk with
+    its rows of the chunk's draws, and every process gets the whole evaluation — the one a single process makes.
     """
     if not prompts:
         raise ValueError("evaluate_policy needs at least one prompt")
@@ -60,10 +62,19 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
     chunk = max(1, batch_size // samples_per_prompt)
     was_training = policy.training
     policy.eval()
-    texts, responses, response_ids, lengths, kls, proxies = [], [], [], [], [], []
-    for begin in range(0, len(prompts), chunk):
+    records = []  # per chunk: (chunk, prompts, responses, ids, lengths, kl, proxy)
+    rank, size = (procs.rank, procs.size) if procs is not None else (0, 1)
+    for c, begin in enumerate(range(0, len(prompts), chunk)):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + begin)
-        sampled = sample_responses(policy, tokenizer, prompts[begin:begin + chunk], samples_per_prompt,
+        share = prompts[begin:begin + chunk]
+        if size > 1:  # this process's contiguous share of the chunk, with its rows of the chunk's draws
+            base, extra = divmod(len(share), size)
+            start = rank * base + min(rank, extra)
+            generator = SharedGenerator(generator, start * samples_per_prompt, len(share) * samples_per_prompt)
+            share = share[start:start + base + (rank < extra)]
+            if not share:
+                continue
+        sampled = sample_responses(policy, tokenizer, share, samples_per_prompt,
                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                    generator=generator, compute_dtype=compute_dtype, generate_fn=generate_fn)
         batch = to_device(sampled.pack_all(), device)
@@ -76,16 +87,18 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
                     ref_logps = packed_logps(policy, batch, temperature).logps
             else:
                 ref_logps = policy_logps
-        kls.append((policy_logps.double() - ref_logps.double()).cpu())
-        if scorer is not None:
-            proxies.append(scorer(sampled.prompts, sampled.texts, sampled.finished, sampled.seqs)[0])
-        texts += sampled.prompt_texts
-        responses += sampled.texts
-        response_ids += sampled.ids
-        lengths.append(sampled.lengths)
+        proxy = scorer(sampled.prompts, sampled.texts, sampled.finished, sampled.seqs)[0] if scorer is not None else None
+        records.append((c, sampled.prompt_texts, sampled.texts, sampled.ids, sampled.lengths,
+                        (policy_logps.double() - ref_logps.double()).cpu(), proxy))
     if was_training:
         policy.train()
+    if size > 1:  # every process's shares, chunk by chunk in rank order: the order of one process
+        records = sorted((r for part in procs.gather(records) for r in part), key=lambda r: r[0])
+    texts = [t for r in records for t in r[1]]
+    responses = [t for r in records for t in r[2]]
     return PolicyEvaluation(
-        prompts=texts, responses=responses, response_ids=response_ids, lengths=torch.cat(lengths), kl=torch.cat(kls),
-        proxy=torch.cat(proxies) if scorer is not None else None,
+        prompts=texts, responses=responses, response_ids=[i for r in records for i in r[3]],
+        lengths=torch.cat([r[4] for r in records]), kl=torch.cat([r[5] for r in records]),
+        proxy=torch.cat([r[6] for r in records]) if scorer is not None else None,
         gold=torch.tensor([float(v) for v in gold(texts, responses)]) if gold is not None else None)
+

@@ -26,14 +26,16 @@ from alignkit.rl.detector import (
     rising_tokens,
     token_frequencies,
 )
-from alignkit.rl.responses import Responses
+from alignkit.rl.responses import RolloutView
 
 
 class Monitors:
-    """`save_best(path)` writes the policy of the moment (called once, at the flag)."""
+    """`save_best(path)` writes the policy of the moment (called once, at the flag). Under several processes
+    every process monitors the whole rollout alike (`RolloutView`) and only the one that `writes` writes."""
 
     def __init__(self, detector: HackingDetector, tokenizer, save_best: Callable[[Path], None]):
         self.detector, self.tokenizer, self.save_best = detector, tokenizer, save_best
+        self.writes = True
         self.first_length: float | None = None
         self.first_tokens: dict[int, float] = {}
         self.path = Path(".")
@@ -42,11 +44,11 @@ class Monitors:
         """Write into run folder `path`. A killed run may have flagged after the checkpoint it resumes from:
         its best/ and hacking.json are removed, and written again when the detector flags again."""
         self.path = Path(path)
-        if not self.detector.flagged:
+        if not self.detector.flagged and self.writes:
             shutil.rmtree(self.path / "best", ignore_errors=True)
             (self.path / "hacking.json").unlink(missing_ok=True)
 
-    def measure(self, batch: Responses, scores: torch.Tensor, spread: torch.Tensor | None) -> dict:
+    def measure(self, batch: RolloutView, scores: torch.Tensor, spread: torch.Tensor | None) -> dict:
         """This rollout's monitors (`scores`: the reward before shaping, (N,); `spread`: the ensemble's)."""
         lengths = batch.lengths.float()
         mean_len = float(lengths.mean())
@@ -68,15 +70,19 @@ class Monitors:
         metrics["hacking/flag"] = float(self.detector.flagged)
         if not self.detector.flagged or was_flagged:
             return False
+        if not self.writes:
+            return True
         self.save_best(self.path / "best")
         (self.path / "hacking.json").write_text(json.dumps(self.summary(), indent=1))
         print(f"reward hacking flagged at iteration {step}: {'; '.join(self.detector.reasons)}; the policy at the "
               f"flag is in {self.path / 'best'}", file=sys.stderr)
         return True
 
-    def write_samples(self, step: int, batch: Responses, scores: torch.Tensor) -> None:
+    def write_samples(self, step: int, batch: RolloutView, scores: torch.Tensor) -> None:
         """Append to samples.jsonl eight prompt/response/score samples and the tokens whose share rose most
         since the first rollout (what the policy learned to say more)."""
+        if not self.writes:
+            return
         samples = [{"prompt": p, "response": r, "score": float(s)}
                    for p, r, s in list(zip(batch.prompt_texts, batch.texts, scores))[:8]]
         learned = [{"token": self.tokenizer.decode([t]), "rise": round(r, 4)}

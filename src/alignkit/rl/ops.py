@@ -35,18 +35,29 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
 
 
 def masked_whiten(
-    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+    x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8, across=None
 ) -> torch.Tensor:
     """(x − mean) / sqrt(var + eps) with mean and unbiased var over the valid entries; with
     `shift_mean=False` the mean is added back (only the scale changes). Masked-out entries are 0.
 
     With fewer than 2 valid entries there is no variance to scale by: x is only centred (a single entry
-    whitens to 0), or, with `shift_mean=False`, left as it is (e.g. a rollout of one response token)."""
+    whitens to 0), or, with `shift_mean=False`, left as it is (e.g. a rollout of one response token).
+
+    `across(values) -> values`: sums over the processes that hold the rest of the batch (`Processes.sum`); the
+    mean and variance are then the whole batch's, computed in the same two passes (mean, then centred squares)."""
     x = torch.where(mask, x, torch.zeros_like(x))
-    mean = masked_mean(x, mask)
-    if int(mask.expand_as(x).sum()) < 2:
+    if across is not None:
+        count, total = across([float(mask.expand_as(x).sum()), float(masked_sum(x.double(), mask))])
+        mean = torch.tensor(total / max(count, 1.0), dtype=x.dtype, device=x.device)
+        if count >= 2:
+            centred = torch.where(mask, x.double() - mean.double(), 0.0)
+            var = torch.tensor(across([float((centred**2).sum())])[0] / (count - 1), dtype=x.dtype, device=x.device)
+    else:
+        count, mean = int(mask.expand_as(x).sum()), masked_mean(x, mask)
+        if count >= 2:
+            var = masked_var(x, mask)
+    if count < 2:
         return torch.where(mask, x - mean if shift_mean else x, torch.zeros_like(x))
-    var = masked_var(x, mask)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -100,3 +100,39 @@ def sample_responses(policy, tokenizer, prompts: list[tuple[object, list[int]]],
         rollout=rollout, prompts=raw, prompt_texts=[p if isinstance(p, str) else plain_text(p) for p in raw], ids=ids,
         texts=[tokenizer.decode(r, skip_special_tokens=True) for r in ids],
         pack=RolloutPacker(prompt_ids, ids, [i // k for i in range(len(ids))], tokenizer.pad_token_id, share_prompts))
+
+
+@dataclass
+class RolloutView:
+    """What the monitors, the detector and the logged means read of a rollout — its texts, tokens and per-sample
+    numbers (CPU) — over every process's samples, in the order one process sampling the whole batch has."""
+
+    prompt_texts: list[str]
+    texts: list[str]
+    ids: list[list[int]]
+    finished: torch.Tensor           # (N,) bool
+    scores: torch.Tensor             # (N,) the reward before shaping
+    shaped: torch.Tensor             # (N,) after the sequence-level shaping options
+    kl: torch.Tensor                 # (N,) k1 sequence KL to the reference
+    spread: torch.Tensor | None      # (N,) the ensemble's disagreement
+    heldout: torch.Tensor | None     # (N,) the held-out reward models' score
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return torch.tensor([len(r) for r in self.ids])      # (N,)
+
+    @classmethod
+    def gather(cls, procs, batch: Responses, scores, shaped, kl, spread=None, heldout=None) -> RolloutView:
+        """This process's samples (`batch` and its per-sample tensors) joined with the other processes', in rank
+        order (`procs`: `alignkit.train.dist.Processes`; one process keeps its own)."""
+        cpu = lambda t: None if t is None else t.detach().float().cpu()  # noqa: E731
+        mine = (batch.prompt_texts, batch.texts, batch.ids, batch.rollout.finished.cpu(), cpu(scores), cpu(shaped),
+                cpu(kl), cpu(spread), cpu(heldout))
+        parts = procs.gather(mine) if procs.size > 1 else [mine]
+        joined = []
+        for field in zip(*parts):
+            if isinstance(field[0], list):
+                joined.append([x for part in field for x in part])
+            else:
+                joined.append(None if field[0] is None else torch.cat(field))
+        return cls(*joined)

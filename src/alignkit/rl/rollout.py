@@ -27,6 +27,21 @@ class Rollout:
     finished: torch.Tensor       # (B,) bool, True = the response ended with EOS
 
 
+@dataclass
+class SharedGenerator:
+    """One seeded generator shared by processes that each sample a slice of a global batch (`accelerate launch`):
+    every sampling step draws the uniform numbers of all `total` rows, as one process sampling the whole batch
+    would, and this process keeps rows `start …`, so N processes sample exactly what one would."""
+
+    generator: torch.Generator
+    start: int
+    total: int
+
+    def uniforms(self, rows: int) -> torch.Tensor:
+        u = torch.rand((self.total, 1), dtype=torch.float64, generator=self.generator)
+        return u[self.start:self.start + rows]
+
+
 class GenerateFn(Protocol):
     def __call__(self, model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
                  temperature: float = 1.0, top_p: float = 1.0,
@@ -62,16 +77,19 @@ def _forward_kwargs(model) -> tuple[str, bool]:
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(probs: torch.Tensor, generator: torch.Generator | SharedGenerator | None = None) -> torch.Tensor:
     """(B,) one token per row drawn from `probs` (B, V) by inverting the cumulative distribution.
 
     One uniform number per row (where `torch.multinomial` and the Gumbel trick draw one per vocabulary entry,
     most of a small model's sampling time on CPU); float64 sums, and a token of probability 0 can never be
-    drawn (its interval is empty).
+    drawn (its interval is empty). A `SharedGenerator` gives this process's rows of a global batch's draw.
     """
     cdf = probs.double().cumsum(-1)
-    u = torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator,
-                   device=generator.device if generator is not None else probs.device).to(probs.device)
+    if isinstance(generator, SharedGenerator):
+        u = generator.uniforms(probs.shape[0]).to(probs.device)
+    else:
+        u = torch.rand((probs.shape[0], 1), dtype=torch.float64, generator=generator,
+                       device=generator.device if generator is not None else probs.device).to(probs.device)
     token = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)
     return token.clamp(max=probs.shape[-1] - 1)
 
@@ -95,8 +113,8 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, device, has_keep: boo
 
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
-             temperature: float = 1.0, top_p: float = 1.0, generator: torch.Generator | None = None,
-             on_step=None) -> Rollout:
+             temperature: float = 1.0, top_p: float = 1.0,
+             generator: torch.Generator | SharedGenerator | None = None, on_step=None) -> Rollout:
     """Sample up to `max_new_tokens` per prompt (stopping a row at EOS) with a KV cache.
 
     Returns the tokens and log softmax(logits / temperature)[token] for each — the log-prob the policy gave

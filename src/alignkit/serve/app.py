@@ -416,8 +416,10 @@ def load_engine(cfg: ServeConfig) -> Engine:
         from alignkit.rewards import Scorer
 
         scorer = Scorer(cfg, paths=cfg.reward_paths, policy_tokenizer=tokenizer)
+    from alignkit.rl.vllm_backend import generate_fn_for
+
     return Engine(model, tokenizer, scorer, window_s=cfg.batch_window_ms / 1000, max_batch_size=cfg.max_batch_size,
-                  seed=cfg.seed)
+                  seed=cfg.seed, generate_fn=generate_fn_for(cfg, cfg.model))
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -88,8 +88,9 @@ class Engine:
     """Owns the model (and the scorer) on one worker thread; `submit(job)` returns a future of `list[Choice]`."""
 
     def __init__(self, model, tokenizer, scorer=None, *, window_s: float = 0.01, max_batch_size: int = 64,
-                 seed: int = 0):
+                 seed: int = 0, generate_fn=generate):
         self.model, self.tokenizer, self.scorer = model.eval(), tokenizer, scorer
+        self.generate_fn = generate_fn  # alignkit's sampler, or vLLM (`alignkit.rl.vllm_backend`)
         self.window_s, self.max_batch_size = window_s, max_batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.tokenizer_lock = threading.Lock()  # the app encodes while the worker decodes
@@ -177,7 +178,7 @@ class Engine:
         prompts = [job.prompt_ids for job in jobs for _ in range(job.rows)]
         streamer = _Streamer(self, jobs)
         # temperature 0: generate divides the logits by 1e-6, which makes sampling the argmax (greedy)
-        out = generate(self.model, prompts, pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
+        out = self.generate_fn(self.model, prompts, pad_id=self.tokenizer.pad_token_id, eos_id=self.tokenizer.eos_token_id,
                        max_new_tokens=max(job.max_tokens for job in jobs), temperature=temperature, top_p=top_p,
                        generator=generator, on_step=streamer.step if streamer.rows else None)
         self.batches += 1

@@ -31,6 +31,7 @@ class Processes:
 
     def __init__(self, rank: int = 0, size: int = 1):
         self.rank, self.size = rank, size
+        self.sharded = False  # FSDP2 (`alignkit.train.shard`) reduces the gradients itself
 
     @classmethod
     def start(cls) -> Processes:
@@ -65,8 +66,9 @@ class Processes:
         return t
 
     def sum_grads(self, params: list[torch.nn.Parameter]) -> None:
-        """Sum the gradients over the processes, in one flat buffer (a parameter without a gradient counts 0)."""
-        if self.size == 1 or not params:
+        """Sum the gradients over the processes, in one flat buffer (a parameter without a gradient counts 0); under
+        FSDP2 the sharded models' reduce-scatter has summed them already."""
+        if self.size == 1 or not params or self.sharded:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         flat = torch.cat([g.reshape(-1).float() for g in grads])

@@ -7,9 +7,10 @@ z0, as in the paper: the KL of the policy to the reference, estimated on *mismat
 pairs — each example x_i is paired with the completion of another example — averaged over the optimizer
 step's examples, clamped at 0 and detached. The mismatched partner is fixed once (a seeded derangement of
 the data), so its reference log-probs are precomputed like the others; each row is [prompt | completion |
-partner's completion], one forward. With `grad_accum` > 1, z0 is the mean over *all* the step's micro-batches,
-from one extra forward without gradients before the loss pass (`kto_reference_point`), so accumulation does
-not change the loss: batch_size 2 × grad_accum 2 trains as batch_size 4.
+partner's completion], one forward. With `grad_accum` > 1 or several processes, z0 is the mean over *all* the
+step's micro-batches on every process, from one extra forward without gradients before the loss pass
+(`kto_reference_point`), so accumulation and processes do not change the loss: batch_size 2 × grad_accum 2 trains
+as batch_size 4, and 2 processes with batch_size 2 as one with 4.
 
 Pairwise rows are converted (chosen → desirable, rejected → undesirable); ranked rows give their best as
 desirable and their worst as undesirable. `reference_free` sets the reference log-probs to 0.
@@ -64,9 +65,9 @@ def mismatched_log_ratios(model, batch: PrefBatch, reference) -> tuple[torch.Ten
 
 
 def kto_reference_point(model, batches: list[PrefBatch], reference) -> torch.Tensor:
-    """z0 of a whole optimizer step, before the clamp: the mean log-ratio of the mismatched pairs of all its
-    micro-batches (the loop calls this without gradients)."""
-    return torch.cat([mismatched_log_ratios(model, b, reference)[2] for b in batches]).mean()
+    """The log-ratios of the mismatched pairs of a process's micro-batches (B·k,); the loop averages them over the
+    whole optimizer step — every micro-batch on every process — into z0 before the clamp (without gradients)."""
+    return torch.cat([mismatched_log_ratios(model, b, reference)[2] for b in batches])
 
 
 def kto_step_loss(model, batch: PrefBatch, cfg, reference, kl: torch.Tensor | None = None) -> StepOutput:

@@ -32,6 +32,7 @@ from alignkit.data.collate import to_device
 from alignkit.errors import Preempted, UserError
 from alignkit.models.load import default_device, trainable_parameters, training_dtypes
 from alignkit.models.precision import autocast_context
+from alignkit.train import shard as sharding
 from alignkit.train.dist import ONE, Processes, launched_size
 from alignkit.train.preempt import Preemption
 from alignkit.train.run import MetricsLog, RunDir, count_bad_steps, rng_state, seed_everything
@@ -55,6 +56,8 @@ class Trainer:
     nan_hint: str = "lower the learning rate, check the data"  # what to try after too many non-finite steps
     procs: Processes = ONE               # this process among the run's (set by `run`)
     supports_processes: bool = False     # whether it runs on several processes (`accelerate launch`)
+    supports_sharding: bool = False      # whether its trained models can be sharded (FSDP2)
+    sharding_reason: str = "it does not run sharded yet"
     single_process_reason: str = "it does not run on several processes yet"
 
     def prepare(self, run: RunDir) -> None:
@@ -111,10 +114,12 @@ class Task:
     eval_examples: list | None = None
     prepare: Callable[[RunDir, Processes], None] | None = None  # once the run folder exists (e.g. reference log-probs)
     derive: Callable[[dict], dict] | None = None      # metrics computed from aggregated ones (e.g. margins)
-    # a quantity of the whole optimizer step computed before its loss pass, over all of its micro-batches
-    # (without gradients), and passed to `loss` as `context` (e.g. KTO's reference point). Only computed
-    # when a step has several micro-batches: with one, `loss` gets context None and computes it itself.
-    step_context: Callable[[torch.nn.Module, list], Any] | None = None
+    # a mean over the whole optimizer step computed before its loss pass, over all of its micro-batches on every
+    # process (without gradients), and passed to `loss` as `context` (e.g. KTO's reference point):
+    # step_context(model, batches) returns the per-example values (1-D), the loop averages them over the step.
+    # Only computed when a step has several micro-batches or processes: with one, `loss` gets context None and
+    # computes it itself.
+    step_context: Callable[[torch.nn.Module, list], torch.Tensor] | None = None
     single_process: str = ""  # why this task cannot run on several processes yet ("" = it can)
 
 
@@ -165,14 +170,17 @@ def total_steps(cfg, order: DataOrder) -> int:
 
 
 # ------------------------------------------------------------------------------ optimizer and schedule
-def build_optimizer(model, cfg) -> torch.optim.Optimizer:
-    """AdamW; weight decay on matrices only (not on biases or norm weights)."""
+def build_optimizer(model, cfg, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW; weight decay on matrices only (not on biases or norm weights). `fused` False: the foreach kernel
+    (for sharded parameters, which the fused CPU kernel does not take)."""
     params = trainable_parameters(model)
     decay = [p for p in params.values() if p.ndim >= 2]
     no_decay = [p for p in params.values() if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]
     try:  # the fused kernel: one pass over each tensor (measured 3x faster than foreach on CPU)
+        if not fused:
+            raise ValueError("not fused")
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), fused=True)
     except (RuntimeError, TypeError, ValueError):  # a device or dtype without it
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2))
@@ -209,9 +217,8 @@ def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float
     device = default_device()
     batches = [to_device(b, device) for b in batches]
     context = None
-    if task.step_context is not None and len(batches) > 1:
-        with torch.no_grad(), autocast_context(compute_dtype):
-            context = task.step_context(model, batches)
+    if task.step_context is not None and (len(batches) > 1 or procs.size > 1):
+        context = step_mean(model, batches, task, compute_dtype, procs)
     total_units = int(procs.sum([sum(task.units(b) for b in batches)])[0])
     sums: dict[str, list[float]] = {}
     loss_sum = 0.0
@@ -230,7 +237,7 @@ def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float
         names = sorted(set().union(*procs.gather_names(sorted(sums))))
         flat = procs.sum([loss_sum] + [v for n in names for v in sums.get(n, [0.0, 0.0])])
         loss_sum, sums = flat[0], {n: flat[1 + 2 * i:3 + 2 * i] for i, n in enumerate(names)}
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
+    grad_norm = full_norm(torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf")))
     finite = math.isfinite(loss_sum) and bool(torch.isfinite(grad_norm))
     if finite and total_units > 0:
         optimizer.step()
@@ -239,6 +246,23 @@ def train_step(model, optimizer, batches: list, task: Task, max_grad_norm: float
     metrics.update({k: s / c for k, (s, c) in sums.items() if c > 0})
     metrics["finite"] = finite
     return metrics
+
+
+def full_norm(norm: torch.Tensor) -> torch.Tensor:
+    """A gradient norm as a plain tensor (over sharded parameters, clip_grad_norm_ returns a distributed one)."""
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
+@torch.no_grad()
+def step_mean(model, batches: list, task: Task, compute_dtype, procs: Processes) -> torch.Tensor:
+    """`task.step_context`'s values averaged over the step: every micro-batch of every process (float64 sums)."""
+    device = default_device()
+    values = torch.zeros(0, device=device)
+    if batches:
+        with autocast_context(compute_dtype):
+            values = task.step_context(model, batches)
+    total, count = procs.sum([float(values.double().sum()), float(values.numel())])
+    return torch.tensor(total / max(count, 1.0), device=device)
 
 
 @torch.no_grad()
@@ -282,6 +306,7 @@ class BatchTrainer(Trainer):
         self.order = DataOrder(len(task.train_examples), cfg.batch_size * self.processes, cfg.seed, lengths)
         self.supports_processes = not task.single_process
         self.single_process_reason = task.single_process
+        self.supports_sharding = True
         self.total_steps = total_steps(cfg, self.order)
         self.compute_dtype = training_dtypes(cfg.dtype)[1]
         self.evaluates = bool(task.eval_examples)
@@ -294,8 +319,20 @@ class BatchTrainer(Trainer):
                          "warmup_steps": cfg.warmup_steps}
 
     def prepare(self, run: RunDir) -> None:
+        if self.procs.sharded:
+            self._check_shares()
         if self.task.prepare is not None:
             self.task.prepare(run, self.procs)
+
+    def _check_shares(self) -> None:
+        """Under FSDP every process runs the forward passes of every micro-batch together (they gather the layers
+        in turn): refuse a data order whose last batch of an epoch leaves a process without an example."""
+        last = len(self.task.train_examples) % self.order.batch_size
+        if last and any(not self.procs.__class__(r, self.procs.size).shard(list(range(last)))
+                        for r in range(self.procs.size)):
+            raise UserError(f"{len(self.task.train_examples)} examples in batches of {self.order.batch_size} "
+                            f"(batch_size × {self.procs.size} processes) leave a last batch of {last}, too few for "
+                            "every process under FSDP; change batch_size or drop a few examples")
 
     def step(self, step: int, optimizer) -> dict:
         task, accum = self.task, self.cfg.grad_accum
@@ -347,7 +384,18 @@ def run(cfg, trainer: Trainer) -> dict:
     """Run `trainer` as `cfg` says; return the last logged metrics. Resumes from the newest checkpoint.
     Under a launcher (`accelerate launch`), every process runs this; only the main one writes."""
     check_processes(trainer)
+    shards = sharding.requested()
+    if shards is not None and not trainer.supports_sharding:
+        raise UserError(f"this run was launched with an FSDP config, but {trainer.name} cannot run sharded: "
+                        f"{trainer.sharding_reason}; launch it data-parallel (examples/accelerate/ddp.yaml)")
     procs = trainer.procs = Processes.start()
+    if shards is not None:
+        sharding.shard(trainer.modules, shards)
+        procs.sharded = True
+        if procs.main:
+            print(f"alignkit {trainer.name}: trained models sharded with FSDP2 over {procs.size} processes "
+                  f"(offload {'on' if shards.offload else 'off'}, reshard after forward "
+                  f"{'on' if shards.reshard_after_forward else 'off'})", file=sys.stderr)
     if cfg.num_threads > 0:
         torch.set_num_threads(cfg.num_threads)
     run_dir = RunDir(cfg.output_dir)
@@ -358,7 +406,7 @@ def run(cfg, trainer: Trainer) -> dict:
     modules.train()
     if cfg.gradient_checkpointing:
         enable_gradient_checkpointing(modules)
-    optimizer = build_optimizer(modules, cfg)
+    optimizer = build_optimizer(modules, cfg, fused=not procs.sharded)
     scheduler = build_scheduler(optimizer, cfg, steps)
 
     if procs.main:
@@ -369,7 +417,7 @@ def run(cfg, trainer: Trainer) -> dict:
     start = 0
     if checkpoint is not None:
         RunDir.check_settings(checkpoint, trainer.settings)
-        state = RunDir.load_checkpoint(checkpoint, modules, optimizer, scheduler)
+        state = RunDir.load_checkpoint(checkpoint, modules, optimizer, scheduler, procs.sharded)
         RunDir.restore_process_rng(state, procs.rank, procs.size)
         start = state.pop("step")
         trainer.load_state_dict(state.pop("trainer", {}))
@@ -394,10 +442,12 @@ def run(cfg, trainer: Trainer) -> dict:
     bar.close()
     log.close()
     loop_seconds = time.perf_counter() - loop_start
+    if procs.sharded:  # every process gathers the shards; the main process saves a plain checkpoint
+        sharding.gather_for_saving(modules, procs.main)
     if procs.main:
         trainer.save_final(run_dir.final)
         run_dir.mark_done(step=step, metrics=last, loop_seconds=loop_seconds, steps_this_process=step - start,
-                          processes=procs.size, **trainer.summary())
+                          processes=procs.size, sharding="fsdp2" if procs.sharded else "none", **trainer.summary())
         print(f"alignkit {trainer.name}: done, {step} {unit}s; final model in {run_dir.final}")
     procs.end()
     return last
@@ -469,9 +519,12 @@ def _loop(cfg, trainer: Trainer, run_dir: RunDir, optimizer, scheduler, state: d
         if saved or signalled:
             path = run_dir.checkpoints / f"step-{step}"
             rngs = {"rngs": procs.gather(rng_state())} if procs.size > 1 else {}
+            full = ((sharding.full_weights(modules), sharding.full_optimizer_state(modules, optimizer))
+                    if procs.sharded else None)  # every process sends its shards to the main one
             if procs.main:
                 run_dir.save_checkpoint(step, modules, optimizer, scheduler,
-                                        {**state, **rngs, "trainer": trainer.state_dict()}, cfg.keep_checkpoints)
+                                        {**state, **rngs, "trainer": trainer.state_dict()}, cfg.keep_checkpoints,
+                                        full)
             procs.barrier()
             if signalled:
                 bar.close()

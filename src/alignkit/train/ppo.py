@@ -20,6 +20,7 @@ import torch
 
 from alignkit.data.collate import PackedBatch, to_device
 from alignkit.data.tokenize import Encoder
+from alignkit.errors import UserError
 from alignkit.losses.rl import gae, kl_penalty, ppo_policy_loss, ppo_value_loss
 from alignkit.models.load import (
     default_device,
@@ -39,8 +40,8 @@ from alignkit.rl.detector import HackingDetector
 from alignkit.rl.evaluate import evaluate_policy
 from alignkit.rl.monitors import Monitors
 from alignkit.rl.ops import masked_whiten
-from alignkit.rl.responses import RolloutPacker, sample_responses, scatter_tokens
-from alignkit.rl.rollout import GenerateFn, generate
+from alignkit.rl.responses import RolloutPacker, RolloutView, sample_responses, scatter_tokens
+from alignkit.rl.rollout import GenerateFn, SharedGenerator
 from alignkit.rl.shaping import (
     AdaptiveKLController,
     adjust_scores,
@@ -49,6 +50,7 @@ from alignkit.rl.shaping import (
     shape_rewards,
 )
 from alignkit.train.common import load_train_eval
+from alignkit.train.dist import ONE, Processes, launched_size
 from alignkit.train.loop import DataOrder, Trainer, run
 from alignkit.train.run import seed_everything
 
@@ -59,17 +61,19 @@ def kl_estimator(cfg) -> str:
     return cfg.kl_estimator or ("k3" if cfg.algo == "grpo" else "k1")
 
 
-def measure(cfg, policy, reference, value, everything: PackedBatch, rollout, mask, compute_dtype, single: bool):
+def measure(cfg, policy, reference, value, everything: PackedBatch, rollout, mask, compute_dtype, single: bool,
+            sampler_logps: bool = True):
     """(old_logps, ref_logps, old_values), each (N, R) in response space; old_values is None for rloo/grpo and,
     with `single` (one update on the rollout), for ppo too: the update's own value forward supplies them.
-    With `single` in float32, old_logps are the sampler's."""
+    With `single` in float32, old_logps are the sampler's — unless the sampler's are not the trainer's numbers
+    (`sampler_logps` False: another engine, e.g. vLLM), and then they are recomputed."""
     device = mask.device
     with torch.no_grad(), autocast_context(compute_dtype):
         policy.eval()
         # one update on the rollout: the sampler's log-probs are the current weights' numbers, so no forward is
         # needed, in float32; in bf16, cached decoding and a packed forward round differently, and the first
         # ratio must be exactly 1, so old log-probs come from the same kind of forward as the update's
-        if single and compute_dtype is None:
+        if single and compute_dtype is None and sampler_logps:
             old_logps = scatter_tokens(rollout.logps[rollout.response_mask].to(device), mask)
         else:
             old_logps = scatter_tokens(packed_target_logps(policy, everything, cfg.temperature), mask)
@@ -85,20 +89,22 @@ def measure(cfg, policy, reference, value, everything: PackedBatch, rollout, mas
     return old_logps, ref_logps, old_values
 
 
-def compute_advantages(cfg, values, *, scores, old_logps, ref_logps, mask, kl_coef):
+def compute_advantages(cfg, values, *, scores, old_logps, ref_logps, mask, kl_coef, procs: Processes = ONE):
     """(advantages, returns) of a rollout, (N, R) each (returns None without a value model).
 
     ppo:  r_t = −β·KL_t, plus the score at the last token; optional reward whitening; GAE on the
-          rollout-time `values`; advantages whitened.
+          rollout-time `values`; advantages whitened (over the whole rollout: every process's samples).
     rloo: leave-one-out baseline on score − β·Σ_t KL_t within each prompt's group, broadcast to its tokens.
     grpo: (score − group mean) / group std, broadcast; its KL goes into the loss instead.
+    (A prompt's group is always on one process.)
     """
     if cfg.algo == "ppo":
+        across = procs.sum if procs.size > 1 else None
         rewards, _ = shape_rewards(scores, old_logps, ref_logps, mask, kl_coef, kl_estimator(cfg))
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, mask, shift_mean=False)
+            rewards = masked_whiten(rewards, mask, shift_mean=False, across=across)
         advantages, returns = gae(rewards, values.float(), mask, cfg.gamma, cfg.gae_lambda)
-        return masked_whiten(advantages, mask).detach(), returns.detach()
+        return masked_whiten(advantages, mask, across=across).detach(), returns.detach()
     if cfg.algo == "rloo":
         token_kl = torch.where(mask, kl_penalty(old_logps, ref_logps, kl_estimator(cfg)), 0.0)
         seq_adv = rloo_advantages(scores - kl_coef * token_kl.sum(-1), cfg.group_size)
@@ -108,63 +114,92 @@ def compute_advantages(cfg, values, *, scores, old_logps, ref_logps, mask, kl_co
 
 
 def ppo_update(cfg, policy, value, optimizer, pack: RolloutPacker, everything: PackedBatch, mask, old_logps,
-               ref_logps, advantages_from, old_values, kl_coef, compute_dtype, step: int) -> dict:
+               ref_logps, advantages_from, old_values, kl_coef, compute_dtype, step: int,
+               procs: Processes = ONE, offset: int = 0, total: int | None = None) -> dict:
     """`ppo_epochs` × `num_minibatches` clipped updates on one rollout; returns averaged metrics.
 
     Every rollout tensor is (N, R) in response space (`mask` marks sampled tokens); a minibatch is a set of
     sequences, packed by `pack` (`everything` is the whole rollout, packed) and flattened to its M target
     tokens. `advantages_from(old_values)` gives (advantages, returns); with `old_values` None (ppo with one
     epoch and one minibatch) the rollout-time values are the update's own first value forward, detached.
+
+    Several processes (`procs`): this one holds samples `offset … offset + N` of the rollout's `total`. The
+    minibatches are drawn over all `total` samples; each process computes the losses of its members, summed
+    over tokens and divided by the minibatch's token count across processes, and the gradients are summed, so
+    the update is the one a single process holding the whole rollout makes.
     """
     advantages, returns = advantages_from(old_values) if old_values is not None or value is None else (None, None)
     device, n = mask.device, mask.shape[0]
-    stats = {"loss": [], "policy_loss": [], "clipfrac": [], "entropy": [], "grad_norm": []}
-    stats.update({"value_loss": []} if value is not None else {})
+    total = n if total is None else total
+    names = ["loss", "policy_loss", "clipfrac", "entropy"] + (["value_loss"] if value is not None else [])
+    stats: dict[str, list] = {name: [] for name in [*names, "grad_norm"]}
     skipped = 0
     params = [p for group in optimizer.param_groups for p in group["params"]]
     g = torch.Generator().manual_seed(cfg.seed * 1_000_033 + step)
     for _ in range(cfg.ppo_epochs):
-        order = torch.randperm(n, generator=g) if cfg.num_minibatches > 1 else torch.arange(n)
+        order = torch.randperm(total, generator=g) if cfg.num_minibatches > 1 else torch.arange(total)
         for chunk in order.tensor_split(cfg.num_minibatches):
             if len(chunk) == 0:
                 continue
-            idx = chunk.sort().values
-            mb = everything if len(idx) == n else to_device(pack(idx.tolist()), device)
-            idx = idx.to(device)
-            mb_mask = mask[idx]
-            flat = lambda x, idx=idx, mb_mask=mb_mask: x[idx][mb_mask]  # noqa: E731  (N, R) → the minibatch's (M,)
-
-            entropy: list = []
-            with autocast_context(compute_dtype):
-                logps = packed_target_logps(policy, mb, cfg.temperature, entropy).float()       # (M,)
-                v = packed_token_values(value, mb) if value is not None else None             # (M,)
-            if v is not None and advantages is None:  # the single-update case: these are the rollout-time values
-                old_values = scatter_tokens(v.detach(), mask)
-                advantages, returns = advantages_from(old_values)
-            token_pg_loss, clipped = ppo_policy_loss(logps, flat(old_logps), flat(advantages), cfg.clip_range)
-            pg_loss = token_pg_loss.mean()  # over the minibatch's response tokens
-            loss = pg_loss
-            if cfg.algo == "grpo":  # KL to the reference in the loss (k3 by default, as in DeepSeekMath)
-                loss = loss + kl_coef * kl_penalty(logps, flat(ref_logps), kl_estimator(cfg)).mean()
-            if v is not None:
-                v_loss = ppo_value_loss(v, flat(old_values), flat(returns), cfg.value_clip_range).mean()
-                loss = loss + cfg.vf_coef * v_loss
+            idx = (chunk[(chunk >= offset) & (chunk < offset + n)] - offset).sort().values  # this process's members
+            tokens = int(procs.sum([float(mask[idx.to(device)].sum())])[0]) if procs.size > 1 else None
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            parts = [0.0] * len(names)  # this process's shares of the minibatch's means
+            if len(idx):
+                parts = _minibatch_loss(cfg, policy, value, pack, everything, mask, idx, old_logps, ref_logps,
+                                        advantages, returns, old_values, advantages_from, kl_coef, compute_dtype,
+                                        tokens)
+                if parts[-1] is not None:  # the single-update case computed the advantages from its values
+                    advantages, returns, old_values = parts[-1]
+                parts = parts[:-1]
+            procs.sum_grads(params)
+            parts = procs.sum(parts)
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-            if not (torch.isfinite(norm) and torch.isfinite(loss)):  # skipped (the loop counts bad iterations)
+            if not (torch.isfinite(norm) and math.isfinite(parts[0])):  # skipped (the loop counts bad iterations)
                 skipped += 1
                 continue
             optimizer.step()
-            stats["loss"].append(float(loss.detach()))
-            stats["policy_loss"].append(float(pg_loss.detach()))
-            stats["clipfrac"].append(float(clipped.float().mean()))
-            stats["entropy"].append(float(entropy[0].mean()))
+            for name, v in zip(names, parts):
+                stats[name].append(v)
             stats["grad_norm"].append(float(norm))
-            if v is not None:
-                stats["value_loss"].append(float(v_loss.detach()))
     optimizer.zero_grad(set_to_none=True)
     return {**{k: sum(v) / len(v) if v else float("nan") for k, v in stats.items()}, "skipped_minibatches": skipped}
+
+
+def _minibatch_loss(cfg, policy, value, pack, everything, mask, idx, old_logps, ref_logps, advantages, returns,
+                    old_values, advantages_from, kl_coef, compute_dtype, tokens: int | None) -> list:
+    """Backward of one minibatch's loss (its members `idx`, sorted; `tokens`: the minibatch's response tokens
+    over all processes, None = these are all of them); returns [loss, policy loss, clip fraction, entropy,
+    (value loss,) this process's share of each, and (advantages, returns, old_values) when it computed them]."""
+    device, n = mask.device, mask.shape[0]
+    mb = everything if len(idx) == n else to_device(pack(idx.tolist()), device)
+    idx = idx.to(device)
+    mb_mask = mask[idx]
+    flat = lambda x: x[idx][mb_mask]  # noqa: E731  (N, R) → the minibatch's (M,)
+    mean = (lambda x: x.sum() / tokens) if tokens is not None else (lambda x: x.mean())  # noqa: E731
+
+    entropy: list = []
+    with autocast_context(compute_dtype):
+        logps = packed_target_logps(policy, mb, cfg.temperature, entropy).float()       # (M,)
+        v = packed_token_values(value, mb) if value is not None else None             # (M,)
+    computed = None
+    if v is not None and advantages is None:  # the single-update case: these are the rollout-time values
+        old_values = scatter_tokens(v.detach(), mask)
+        advantages, returns = advantages_from(old_values)
+        computed = (advantages, returns, old_values)
+    token_pg_loss, clipped = ppo_policy_loss(logps, flat(old_logps), flat(advantages), cfg.clip_range)
+    pg_loss = mean(token_pg_loss)  # over the minibatch's response tokens
+    loss = pg_loss
+    if cfg.algo == "grpo":  # KL to the reference in the loss (k3 by default, as in DeepSeekMath)
+        loss = loss + kl_coef * mean(kl_penalty(logps, flat(ref_logps), kl_estimator(cfg)))
+    out = []
+    if v is not None:
+        v_loss = mean(ppo_value_loss(v, flat(old_values), flat(returns), cfg.value_clip_range))
+        loss = loss + cfg.vf_coef * v_loss
+        out = [float(v_loss.detach())]
+    loss.backward()
+    return [float(loss.detach()), float(pg_loss.detach()), float(mean(clipped.float())),
+            float(mean(entropy[0].float())), *out, computed]
 
 
 def _std(x: torch.Tensor) -> float | None:
@@ -179,9 +214,13 @@ class PPOTrainer(Trainer):
     latest = ("kl_coef", "hacking/flag")
     nan_hint = "lower the learning rate; check the reward for NaN"
 
-    def __init__(self, cfg, generate_fn: GenerateFn = generate):
+    def __init__(self, cfg, generate_fn: GenerateFn | None = None):
         quiet_transformers()
         seed_everything(cfg.seed)
+        if generate_fn is None:
+            from alignkit.rl.vllm_backend import generate_fn_for
+
+            generate_fn = generate_fn_for(cfg, cfg.model)
         self.cfg, self.generate_fn, self.name = cfg, generate_fn, f"ppo ({cfg.algo})"
         self.tokenizer = tokenizer = load_tokenizer(cfg.model, cfg.trust_remote_code)
         _, rows, eval_rows = load_train_eval(cfg, "auto")
@@ -202,26 +241,61 @@ class PPOTrainer(Trainer):
         trained = {"policy": self.policy} if self.value is None else {"policy": self.policy, "value": self.value}
         self.modules = torch.nn.ModuleDict(trained)
         self.compute_dtype = training_dtypes(cfg.dtype)[1]
-        self.order = DataOrder(len(self.prompts), cfg.rollout_batch_size, cfg.seed)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.prompts) / cfg.rollout_batch_size))
+        # rollout_batch_size is per process: an iteration's prompts are the next rollout_batch_size × processes of
+        # the seeded order, split among the processes (`PPOTrainer.share`)
+        self.processes = launched_size()
+        self.supports_processes = True
+        self.sharding_reason = ("sampling under FSDP needs every process to run the same number of forward "
+                                "passes, which generation does not yet")
+        prompts_per_step = cfg.rollout_batch_size * self.processes
+        self.order = DataOrder(len(self.prompts), prompts_per_step, cfg.seed)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * len(self.prompts) / prompts_per_step))
+        self._check_shares()
         self.kl_coef = cfg.kl_coef
         self.controller = (AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon)
                            if cfg.kl_target > 0 else None)
         self.monitors = Monitors(HackingDetector.from_config(cfg), tokenizer, self.save_final)
         self.evaluates = bool(self.eval_prompts)
         # what fixes the prompts, the rollouts and the schedule: a checkpoint only resumes a run with the same
+        # (rollout_batch_size: the iteration's, over all processes, so a checkpoint resumes under another process
+        # count when the product is the same)
         self.settings = {k: getattr(cfg, k) for k in (
-            "seed", "algo", "rollout_batch_size", "samples_per_prompt", "ppo_epochs", "num_minibatches", "lr",
+            "seed", "algo", "samples_per_prompt", "ppo_epochs", "num_minibatches", "lr",
             "lr_schedule", "warmup_steps", "kl_coef", "kl_target")}
-        self.settings.update(num_examples=len(self.prompts), total_steps=self.total_steps)
+        self.settings.update(rollout_batch_size=prompts_per_step, num_examples=len(self.prompts),
+                             total_steps=self.total_steps)
+
+    def _check_shares(self) -> None:
+        """Under several processes every process needs a prompt in every iteration: refuse a run whose epoch ends
+        in a batch of fewer prompts than processes."""
+        last = len(self.prompts) % self.order.batch_size
+        reached = self.total_steps >= self.order.batches_per_epoch
+        if self.processes > 1 and 0 < last < self.processes and reached:
+            raise UserError(f"{len(self.prompts)} prompts in batches of {self.order.batch_size} "
+                            f"(rollout_batch_size {self.cfg.rollout_batch_size} × {self.processes} processes) leave "
+                            f"a last batch of {last}, fewer than the processes; change rollout_batch_size or "
+                            "max_steps, or drop a few prompts")
+
+    def share(self, step: int) -> tuple[list[int], int, int]:
+        """(this process's prompt indices, its first prompt's position in the iteration's batch, the batch's
+        size): a contiguous share, sizes differing by at most one."""
+        batch, procs = self.order.batch(step - 1), self.procs
+        base, extra = divmod(len(batch), procs.size)
+        start = procs.rank * base + min(procs.rank, extra)
+        return batch[start:start + base + (procs.rank < extra)], start, len(batch)
 
     def step(self, step: int, optimizer) -> dict:
-        cfg, device = self.cfg, default_device()
-        # rollout: K samples per prompt, drawn from a generator seeded by the iteration
+        cfg, device, procs, k = self.cfg, default_device(), self.procs, self.cfg.group_size
+        # rollout: K samples per prompt, drawn from a generator seeded by the iteration (under several processes,
+        # each samples its share of the batch with its rows of the same draws)
+        mine, start, size = self.share(step)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        if procs.size > 1:
+            generator = SharedGenerator(generator, start * k, size * k)
         batch = sample_responses(
-            self.policy, self.tokenizer, [self.prompts[i] for i in self.order.batch(step - 1)], cfg.group_size,
+            self.policy, self.tokenizer, [self.prompts[i] for i in mine], k,
             max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
-            generator=torch.Generator().manual_seed(cfg.seed * 1_000_003 + step), compute_dtype=self.compute_dtype,
+            generator=generator, compute_dtype=self.compute_dtype,
             share_prompts=cfg.prefix_sharing, generate_fn=self.generate_fn)
         # score
         raw_scores, spread = self.scorer(batch.prompts, batch.texts, batch.finished, batch.seqs)      # (N,)
@@ -234,38 +308,44 @@ class PPOTrainer(Trainer):
         mask = batch.rollout.response_mask.to(device)                                              # (N, R)
         single = cfg.ppo_epochs == 1 and cfg.num_minibatches == 1
         old_logps, ref_logps, old_values = measure(cfg, self.policy, self.reference, self.value, everything,
-                                                   batch.rollout, mask, self.compute_dtype, single)
+                                                   batch.rollout, mask, self.compute_dtype, single,
+                                                   getattr(self.generate_fn, "sampler_logps", True))
         seq_kl = torch.where(mask, old_logps - ref_logps, 0.0).sum(-1)                  # (N,) k1 sequence KL
         # advantages (from the rollout-time values, which the single-update case gets inside the update), update
         advantages_from = functools.partial(compute_advantages, cfg, scores=scores, old_logps=old_logps,
-                                            ref_logps=ref_logps, mask=mask, kl_coef=self.kl_coef)
+                                            ref_logps=ref_logps, mask=mask, kl_coef=self.kl_coef, procs=procs)
         stats = ppo_update(cfg, self.policy, self.value, optimizer, batch.pack, everything, mask, old_logps,
-                           ref_logps, advantages_from, old_values, self.kl_coef, self.compute_dtype, step)
+                           ref_logps, advantages_from, old_values, self.kl_coef, self.compute_dtype, step,
+                           procs, start * k, size * k)
         finite = not stats.pop("skipped_minibatches")
-        metrics = {**stats, "reward/score": float(raw_scores.mean()), "reward/shaped": float(scores.mean()),
-                   "kl": float(seq_kl.mean()), "kl_coef": self.kl_coef,
-                   "eos_rate": float(batch.rollout.finished.float().mean()),
-                   **self.monitors.measure(batch, raw_scores, spread)}
-        if (score_std := _std(raw_scores)) is not None:
+        if hasattr(self.generate_fn, "weights_changed"):  # an engine with its own copy of the weights (vLLM)
+            self.generate_fn.weights_changed()
+        heldout = self.heldout(batch.prompts, batch.texts, batch.finished, batch.seqs)[0] if self.heldout else None
+        # the rollout's measures, over every process's samples (gathered: each process then computes them alike)
+        seen = RolloutView.gather(procs, batch, raw_scores, scores, seq_kl, spread=spread, heldout=heldout)
+        metrics = {**stats, "reward/score": float(seen.scores.mean()), "reward/shaped": float(seen.shaped.mean()),
+                   "kl": float(seen.kl.mean()), "kl_coef": self.kl_coef,
+                   "eos_rate": float(seen.finished.float().mean()),
+                   **self.monitors.measure(seen, seen.scores, seen.spread)}
+        if (score_std := _std(seen.scores)) is not None:
             metrics["reward/score_std"] = score_std
         if self.controller is not None:  # β for the next iteration
-            self.kl_coef = self.controller.update(metrics["kl"], len(batch.ids))
+            self.kl_coef = self.controller.update(metrics["kl"], len(seen.ids))
         if self.gold is not None:
-            metrics["reward/gold"] = sum(float(v) for v in self.gold(batch.prompt_texts, batch.texts)) / len(batch.ids)
+            metrics["reward/gold"] = sum(float(v) for v in self.gold(seen.prompt_texts, seen.texts)) / len(seen.ids)
         heldout_scale = None
-        if self.heldout is not None:
-            heldout_scores, _ = self.heldout(batch.prompts, batch.texts, batch.finished, batch.seqs)
-            metrics["reward/heldout"] = float(heldout_scores.mean())
-            heldout_scale = _std(heldout_scores)
+        if seen.heldout is not None:
+            metrics["reward/heldout"] = float(seen.heldout.mean())
+            heldout_scale = _std(seen.heldout)
             if heldout_scale is not None:
                 metrics["reward/heldout_std"] = heldout_scale
             # the held-out score of the training reward's favourites (its top tenth): where the policy is heading
-            top = raw_scores.cpu() >= torch.quantile(raw_scores.float().cpu(), 0.9)
-            metrics["hacking/heldout_of_top"] = float(heldout_scores.cpu()[top].mean())
+            top = seen.scores >= torch.quantile(seen.scores.float(), 0.9)
+            metrics["hacking/heldout_of_top"] = float(seen.heldout[top].mean())
         self.should_stop = (self.monitors.update(step, metrics, heldout_scale) or self.should_stop) and cfg.stop_on_hacking
         if step in (1, self.total_steps) or self.should_stop or (cfg.eval_every and step % cfg.eval_every == 0):
-            self.monitors.write_samples(step, batch, raw_scores)
-        return {**metrics, "finite": finite, "tokens": batch.num_tokens}
+            self.monitors.write_samples(step, seen, seen.scores)
+        return {**metrics, "finite": finite, "tokens": int(procs.sum([float(batch.num_tokens)])[0])}
 
     def evaluate(self) -> dict:
         """eval/* metrics on the held-out prompts, sampled as in training with the same seed every time."""
@@ -275,7 +355,7 @@ class PPOTrainer(Trainer):
                              samples_per_prompt=cfg.eval_samples_per_prompt or cfg.group_size,
                              max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                              seed=cfg.seed * 1_000_003 + 999_983, batch_size=cfg.eval_batch_size or 256,
-                             compute_dtype=self.compute_dtype, generate_fn=self.generate_fn)
+                             compute_dtype=self.compute_dtype, generate_fn=self.generate_fn, procs=self.procs)
         measures = self.measures(ev.prompts, ev.responses) if self.measures else {}
         if "audit_n" in measures:  # a spot check by people (eval_fn): the detector's `audit` signal, which may flag
             self.monitors.detector.audit(measures["audit_approved"], measures["audit_n"])  # this iteration's policy
@@ -284,6 +364,7 @@ class PPOTrainer(Trainer):
         return {f"eval/{name}": float(v) for name, v in {**ev.summary(), **measures}.items()}
 
     def prepare(self, run) -> None:
+        self.monitors.writes = self.procs.main
         self.monitors.start(run.path)
 
     def state_dict(self) -> dict:
@@ -302,7 +383,8 @@ class PPOTrainer(Trainer):
         return {"hacking": self.monitors.summary()}
 
 
-def train_ppo(cfg, generate_fn: GenerateFn = generate) -> dict:
-    """Train as `cfg` says; `generate_fn` samples the rollouts and the evaluations (default: the KV-cache
-    sampler `alignkit.rl.rollout.generate`; anything with its signature, e.g. a vLLM backend)."""
+def train_ppo(cfg, generate_fn: GenerateFn | None = None) -> dict:
+    """Train as `cfg` says; `generate_fn` samples the rollouts and the evaluations (default: the engine of
+    `cfg.generation_backend` — the KV-cache sampler `alignkit.rl.rollout.generate`, or vLLM; anything with its
+    signature)."""
     return run(cfg, PPOTrainer(cfg, generate_fn))

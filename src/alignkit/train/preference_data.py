@@ -90,6 +90,4 @@ def preference_task(cfg, name: str, tokenizer, train: list[PrefExample], evals: 
         save_final=lambda path: save_pretrained_atomic(model, tokenizer, path, cfg.lora_save),
         prepare=prepare,
         step_context=(lambda m, batches: step_context(m, batches, reference)) if step_context is not None else None,
-        single_process=("kto's reference point pairs each micro-batch's prompts with its other completions, so N "
-                        "processes would not make the update of one" if step_context is not None else ""),
     )

@@ -155,16 +155,23 @@ class RunDir:
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             os.replace(tmp, path)
 
-    def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict, keep: int) -> Path:
+    def save_checkpoint(self, step: int, model, optimizer, scheduler, state: dict, keep: int,
+                        full: tuple[dict, dict] | None = None) -> Path:
+        """`full`: (weights, optimizer state) gathered from FSDP shards (`alignkit.train.shard`), saved instead of
+        the model's and the optimizer's own (the optimizer's then keyed by parameter name)."""
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         tmp = self.checkpoints / f".step-{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        weights = {n: p.detach().to("cpu").contiguous() for n, p in trainable_parameters(model).items()}
+        if full is None:
+            weights = {n: p.detach().to("cpu").contiguous() for n, p in trainable_parameters(model).items()}
+        else:
+            weights = full[0]
         save_file(weights, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(optimizer.state_dict() if full is None else full[1], tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_state()}))
+        (tmp / "state.json").write_text(json.dumps({**state, "step": step, "rng": rng_state(),
+                                                    "sharded": full is not None}))
         final = self.checkpoints / f"step-{step}"
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)  # the rename is what makes a checkpoint exist: it is complete or absent
@@ -173,9 +180,23 @@ class RunDir:
         return final
 
     @staticmethod
-    def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-        """Restore weights, optimizer, scheduler and every RNG state; return the rest of state.json."""
+    def load_checkpoint(path: Path, model, optimizer, scheduler, sharded: bool = False) -> dict:
+        """Restore weights, optimizer, scheduler and every RNG state; return the rest of state.json. `sharded`: the
+        models are FSDP2 shards (every process loads the full tensors into its shards)."""
+        state = json.loads((path / "state.json").read_text())
+        if state.pop("sharded", False) != sharded:
+            raise UserError(f"{path}: this checkpoint was written {'with' if not sharded else 'without'} FSDP "
+                            f"sharding and this run is {'sharded' if sharded else 'not'}; resume it the way it "
+                            "was launched (or start over with resume: never)")
         weights = load_file(path / "model.safetensors")
+        if sharded:
+            from alignkit.train.shard import load_full
+
+            load_full(model, optimizer, weights,
+                      torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+            scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+            set_rng_state(state.pop("rng"))
+            return state
         params = trainable_parameters(model)
         missing = set(params) - set(weights)
         if missing:
@@ -185,7 +206,6 @@ class RunDir:
                 p.copy_(weights[name].to(p.device, p.dtype))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        state = json.loads((path / "state.json").read_text())
         set_rng_state(state.pop("rng"))
         return state
 
