@@ -207,7 +207,9 @@ class PPOConfig(TrainConfig, GenerationFields):
     reward_judge: str = option("", "A judge that can score (rm:PATH or python:module:function, SPEC §9) as the reward or added to it (direct RLAIF).")
     gold_fn: str = option("", "A gold reward python:module:function, logged as reward/gold and never trained on (the lab uses it).")
     eval_fn: str = option("", "Measures of the held-out samples at each evaluation: python:module:function, "
-                          "f(prompts, responses) -> {name: number}, logged as eval/NAME (e.g. a share of flattering answers).")
+                          "f(prompts, responses) -> {name: number}, logged as eval/NAME (e.g. a share of flattering answers); "
+                          "audit_approved and audit_n (a spot check by people: approved of checked) feed the "
+                          "hacking detector's audit signal.")
     ensemble: str = option("mean", "How several reward models combine.", ("mean", "min", "uwo"))
     uwo_lambda: float = option(1.0, "λ in uwo = mean − λ·variance across the ensemble.")
     value_model: str = option("", "Value model initialisation: a folder; empty = the first reward model, else the policy.")
