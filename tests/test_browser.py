@@ -73,8 +73,10 @@ def test_the_lab_report_draws_every_plot_with_named_points(tmp_path, monkeypatch
     assert main(["lab", "--seed", "1", "--output-dir", str(tmp_path / "lab")]) == 0
     plots = drawn(browser, tmp_path / "lab" / "report.html")
     summary = json.loads((tmp_path / "lab" / "summary.json").read_text())
-    # every method, the frontier, three online runs, best-of-n, the RL-form fit (when it fits), length, flattery
-    assert len(plots) == 8 + bool(summary["rl_fit"]["ppo_no_kl"])
+    # every method, the frontier, three online runs, best-of-n, the RL-form fit (when it fits), length, flattery,
+    # the experts' spot check
+    assert len(plots) == 9 + bool(summary["rl_fit"]["ppo_no_kl"])
+    assert any("spot check" in (p["title"] or "") for p in plots)
     assert any("frontier" in (p["title"] or "") for p in plots)
     scatter = browser.execute_script(
         "return Array.from(document.querySelectorAll('svg')[0].querySelectorAll('text')).map(t => t.textContent)")

@@ -149,11 +149,11 @@ def test_stream_is_server_sent_events(served):
 
 def test_stream_pieces_arrive_while_sampling(served, monkeypatch):
     """A streamed choice's pieces reach the request during the generate call, not after it."""
-    from alignkit.serve import engine as engine_module
     from alignkit.serve.engine import Job
 
+    engine = served.server.engine
     state = {"generating": False}
-    real = engine_module.generate
+    real = engine.generate_fn  # the engine's sampler (alignkit's, or vLLM's)
 
     def watched(*args, **kwargs):
         state["generating"] = True
@@ -162,8 +162,7 @@ def test_stream_pieces_arrive_while_sampling(served, monkeypatch):
         finally:
             state["generating"] = False
 
-    monkeypatch.setattr(engine_module, "generate", watched)
-    engine = served.server.engine
+    monkeypatch.setattr(engine, "generate_fn", watched)
     pieces = []
     ids = served.server.encoder.prompt_ids(PROMPT)
     job = Job(PROMPT, ids, max_tokens=8, temperature=0,

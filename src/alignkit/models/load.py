@@ -208,12 +208,14 @@ def trainable_parameters(model) -> dict[str, torch.nn.Parameter]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
+# unsharded copies of FSDP-sharded models, gathered by every process before the main one saves them (id → copy)
+FULL_COPIES: dict[int, torch.nn.Module] = {}
+
+
 def save_pretrained_atomic(model, tokenizer, path: Path, lora_save: str = "merged") -> None:
     """Write a Hugging Face checkpoint (safetensors + tokenizer) into `path` atomically (an FSDP-sharded model:
-    the full copy `alignkit.train.shard.gather_for_saving` made)."""
-    from alignkit.train.shard import full_copy
-
-    model = full_copy(model)
+    the full copy `alignkit.train.shard.gather_for_saving` registered)."""
+    model = FULL_COPIES.pop(id(model), model)
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -11,7 +11,7 @@ must be *summed* over the processes, not averaged: every FSDP unit's gradient di
 makes the updates of one process with the global batch, like data parallelism (`alignkit.train.dist`).
 
 Checkpoints hold full tensors (gathered from the shards on every process, written by the main process), so a
-run resumes under another process count; `final/` is a plain Hugging Face checkpoint (`full_copy` builds an
+run resumes under another process count; `final/` is a plain Hugging Face checkpoint (`gather_for_saving` builds an
 unsharded model on the main process before it is saved).
 """
 
@@ -148,14 +148,13 @@ def load_full(modules: torch.nn.Module, optimizer, weights: dict, optimizer_stat
     set_optimizer_state_dict(modules, optimizer, optimizer_state, options=options)
 
 
-_FULL_COPIES: dict[int, torch.nn.Module] = {}
-
-
 def gather_for_saving(modules: torch.nn.Module, main: bool) -> None:
     """Every process, before `final/` is written: gather each sharded model's full weights into an unsharded copy
-    on the main process (`full_copy` hands it to the saver)."""
+    on the main process, which `save_pretrained_atomic` then saves in the model's place."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
     from torch.distributed.fsdp import FSDPModule
+
+    from alignkit.models.load import FULL_COPIES
 
     for model in models_of(modules):
         if not isinstance(model, FSDPModule):
@@ -168,9 +167,4 @@ def gather_for_saving(modules: torch.nn.Module, main: bool) -> None:
             copy.load_state_dict(state, strict=False, assign=True)
             if hasattr(copy, "tie_weights"):
                 copy.tie_weights()
-            _FULL_COPIES[id(model)] = copy.eval()
-
-
-def full_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """The unsharded copy `gather_for_saving` made of `model`, or `model` itself."""
-    return _FULL_COPIES.pop(id(model), model)
+            FULL_COPIES[id(model)] = copy.eval()
