@@ -115,7 +115,10 @@ def main() -> None:
                                                 algo="grpo", samples_per_prompt=4, output_dir=out)),
     }
     only = [j for j in args.only.split(",") if j] or list(jobs)
-    attention = _load(model).config._attn_implementation  # what transformers picks here (sdpa where available)
+    built = _load(model)
+    attention = built.config._attn_implementation  # what transformers picks here (sdpa where available)
+    params = sum(p.numel() for p in built.parameters())
+    del built
     table = []
     for name in only:
         out = str(root / name)
@@ -136,7 +139,6 @@ def main() -> None:
         })
     device = torch.cuda.get_device_name() if gpu else "CPU (--allow-cpu: a check of the script, not a measurement)"
     config = json.loads((Path(model) / "config.json").read_text())
-    params = sum(p.numel() for p in _load(model).parameters())
     print(f"\ngpu_smoke: {device}; model {args.size} ({params / 1e6:.1f}M parameters, vocabulary "
           f"{config['vocab_size']}), batch {args.batch_size}, {args.prompt_words}+{args.response_words} words per row, "
           f"{args.new_tokens} new tokens (ppo/grpo), {dtype}, gradient checkpointing "

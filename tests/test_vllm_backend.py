@@ -119,7 +119,8 @@ def test_ppo_on_the_vllm_backend_pushes_weights_after_each_update_and_recomputes
     pushed = engine.model.state_dict()
     for name, p in final.state_dict().items():  # the last generation sampled the final policy
         assert torch.allclose(p, pushed[name]), name
-    # one seed per sample, from the run's generator: a rerun draws the same ones
+    # one seed per sample, drawn from the run's seeded generator (not one seed for the whole batch)
+    assert len(engine.seeds) == 3 * 3 * 2 + 3 * 4 * 2  # 3 rollouts of 3 prompts and 3 evaluations of 4, 2 samples each
     assert len(set(engine.seeds)) > len(engine.seeds) // 2
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # the fake returns no log-probs (zeros): used as old log-probs, the first ratio would be far from 1

@@ -63,15 +63,14 @@ def evaluate_policy(policy, tokenizer, prompts: list[tuple[object, list[int]]], 
     was_training = policy.training
     policy.eval()
     records = []  # per chunk: (chunk, prompts, responses, ids, lengths, kl, proxy)
-    rank, size = (procs.rank, procs.size) if procs is not None else (0, 1)
+    size = procs.size if procs is not None else 1
     for c, begin in enumerate(range(0, len(prompts), chunk)):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + begin)
         share = prompts[begin:begin + chunk]
         if size > 1:  # this process's contiguous share of the chunk, with its rows of the chunk's draws
-            base, extra = divmod(len(share), size)
-            start = rank * base + min(rank, extra)
+            start, stop = procs.span(len(share))
             generator = SharedGenerator(generator, start * samples_per_prompt, len(share) * samples_per_prompt)
-            share = share[start:start + base + (rank < extra)]
+            share = share[start:stop]
             if not share:
                 continue
         sampled = sample_responses(policy, tokenizer, share, samples_per_prompt,

@@ -102,6 +102,13 @@ class Processes:
         per = -(-len(indices) // self.size)  # ceil
         return indices[self.rank * per:(self.rank + 1) * per]
 
+    def span(self, n: int) -> tuple[int, int]:
+        """(start, stop) of this process's contiguous share of n items, shares differing by at most one (ppo's
+        prompts, evaluation chunks: every process gets one whenever n ≥ processes)."""
+        base, extra = divmod(n, self.size)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (self.rank < extra)
+
     def gather(self, obj) -> list:
         """Every process's `obj` (picklable), in rank order."""
         if self.size == 1:

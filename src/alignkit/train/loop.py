@@ -327,9 +327,8 @@ class BatchTrainer(Trainer):
     def _check_shares(self) -> None:
         """Under FSDP every process runs the forward passes of every micro-batch together (they gather the layers
         in turn): refuse a data order whose last batch of an epoch leaves a process without an example."""
-        last = len(self.task.train_examples) % self.order.batch_size
-        if last and any(not self.procs.__class__(r, self.procs.size).shard(list(range(last)))
-                        for r in range(self.procs.size)):
+        last, size = len(self.task.train_examples) % self.order.batch_size, self.procs.size
+        if last and (size - 1) * -(-last // size) >= last:  # `shard`'s last process gets nothing
             raise UserError(f"{len(self.task.train_examples)} examples in batches of {self.order.batch_size} "
                             f"(batch_size × {self.procs.size} processes) leave a last batch of {last}, too few for "
                             "every process under FSDP; change batch_size or drop a few examples")

@@ -279,10 +279,9 @@ class PPOTrainer(Trainer):
     def share(self, step: int) -> tuple[list[int], int, int]:
         """(this process's prompt indices, its first prompt's position in the iteration's batch, the batch's
         size): a contiguous share, sizes differing by at most one."""
-        batch, procs = self.order.batch(step - 1), self.procs
-        base, extra = divmod(len(batch), procs.size)
-        start = procs.rank * base + min(procs.rank, extra)
-        return batch[start:start + base + (procs.rank < extra)], start, len(batch)
+        batch = self.order.batch(step - 1)
+        start, stop = self.procs.span(len(batch))
+        return batch[start:stop], start, len(batch)
 
     def step(self, step: int, optimizer) -> dict:
         cfg, device, procs, k = self.cfg, default_device(), self.procs, self.cfg.group_size

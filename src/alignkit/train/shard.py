@@ -106,12 +106,6 @@ def _first_forward(model) -> None:
     model.train(was_training)
 
 
-def is_sharded(modules: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
-    return any(isinstance(m, FSDPModule) for m in models_of(modules))
-
-
 def _options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
