@@ -81,7 +81,7 @@ def test_fired_records_each_signal_when_it_first_tripped_and_when_it_held():
     length, kl = det.fired["length"], det.fired["kl"]
     assert length["first"] < kl["first"] and det.flag_step == length["sustained"] == length["first"] + 2
     assert kl["sustained"] == kl["first"] + 2 and "budget" in kl["why"]
-    assert set(det.fired) == {"length", "kl"}
+    assert set(det.fired) == {"length", "kl", "stall"}  # the held-out reward stays flat while the KL grows
     restored = HackingDetector(kl_budget=1.0)
     restored.load_state(json.loads(json.dumps(det.state())))
     assert restored.fired == det.fired and restored.streaks == det.streaks
@@ -178,3 +178,34 @@ def test_spot_checks_survive_a_checkpoint_round_trip():
         if step % 5 == 0:
             _check(resumed, step, next(counts), 64)
     assert resumed.audits == whole.audits and resumed.flag_step == whole.flag_step == 40
+
+
+def _plateau(n, kl_per_step, heldout_rises=False):
+    """Held-out reward rising 0.1 an iteration to 1.0 at iteration index 10 and flat after (or rising on), the
+    KL 0 up to index 10 and rising `kl_per_step` after it, the training reward rising throughout; no noise."""
+    return [{"reward/score": 0.2 + 0.01 * i, "kl": max(0.0, kl_per_step * (i - 10)),
+             "reward/heldout": 0.1 * i if heldout_rises else min(0.1 * i, 1.0), "response_length": 5.0}
+            for i in range(n)]
+
+
+def test_the_stall_signal_flags_kl_spent_for_no_held_out_gain_at_the_step_worked_out_by_hand():
+    # held-out best (window 5): index 14, the first window all at 1.0; smoothed KL there (0 + .1 + .2 + .3 + .4) / 5
+    # = 0.2; smoothed KL at index j is 0.1 (j − 12): it has grown by 0.45 first at j = 19 (0.7 − 0.2 = 0.5; at 18,
+    # 0.4), and 0.7 ≥ 1.5 × 0.2; step = index + 1, so it first trips at step 20 and flags at 22 (patience 3)
+    det = _run(HackingDetector(stall_kl=0.45, stall_ratio=1.5), _plateau(40, 0.1))
+    assert det.fired["stall"]["first"] == 20 and det.fired["stall"]["sustained"] == 22 and det.flag_step == 22
+    assert list(det.fired) == ["stall"]
+    assert det.fired["stall"]["why"].startswith("held-out reward no higher than 7 iterations ago while the KL to the "
+                                               "reference grew from 0.20 to 0.90 nats"), det.fired["stall"]["why"]  # at 22
+    # the ratio binds too: with a ratio of 4 the KL must reach 0.8 (j = 20): the first trip one step later
+    assert _run(HackingDetector(stall_kl=0.45, stall_ratio=4.0), _plateau(40, 0.1)).fired["stall"]["first"] == 21
+
+
+def test_the_stall_signal_ignores_moving_while_held_out_reward_still_rises_or_too_little_kl():
+    assert not _run(HackingDetector(stall_kl=0.3), _plateau(60, 0.1, heldout_rises=True)).flagged
+    assert not _run(HackingDetector(stall_kl=0.5), _plateau(60, 0.005)).flagged  # 0.25 nats in 50 iterations
+    assert not _run(HackingDetector(stall_kl=0.0), _plateau(60, 0.1)).flagged     # off
+    falling = _plateau(60, 0.1)
+    for i, m in enumerate(falling):
+        m["reward/score"] = 1.0 - 0.01 * i  # the training reward falls too: not a hack
+    assert not _run(HackingDetector(stall_kl=0.3), falling).flagged

@@ -241,6 +241,8 @@ class PPOConfig(TrainConfig, GenerationFields):
     hacking_distinct_ratio: float = option(0.7, "Detector: flag when distinct-2 falls below this × its start (repetition); 0 = off.")
     hacking_ensemble_ratio: float = option(2.0, "Detector: flag when the ensemble's disagreement rises above this × its start; 0 = off.")
     hacking_heldout_drop: float = option(0.5, "Detector: flag when the held-out reward (of all samples, or of the training reward's top tenth) falls this many start spreads below its best while the training reward rises; 0 = off.")
+    hacking_stall_kl: float = option(0.5, "Detector (with heldout_reward_models): flag when the KL to the reference grew by this many nats since the held-out reward's best (and to hacking_stall_ratio × its value then) while the training reward rose: the policy moves for nothing the held-out models value; 0 = off.")
+    hacking_stall_ratio: float = option(1.5, "Detector: the stall signal also needs the KL at this multiple of its value at the held-out reward's best.")
     hacking_window: int = option(5, "Detector: iterations in each moving average (and in the baseline).")
     hacking_patience: int = option(3, "Detector: consecutive tripping iterations before the flag.")
     max_new_tokens: int = option(32, "Longest response to sample.")
@@ -274,7 +276,7 @@ class PPOConfig(TrainConfig, GenerationFields):
         if not self.temperature > 0:
             raise UserError(f'field "temperature" must be positive, got {self.temperature}')
         for name in ("hacking_kl_budget", "hacking_length_ratio", "hacking_distinct_ratio", "hacking_ensemble_ratio",
-                     "hacking_heldout_drop"):
+                     "hacking_heldout_drop", "hacking_stall_kl", "hacking_stall_ratio"):
             if not getattr(self, name) >= 0:
                 raise UserError(f'field "{name}" must be 0 (off) or positive, got {getattr(self, name)}')
         if self.hacking_length_ratio and self.hacking_length_ratio <= 1:

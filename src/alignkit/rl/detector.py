@@ -9,6 +9,11 @@ average of the first `window` iterations), so that the noise of one rollout cann
              the training score is higher than it was at that best
   favourites the same test on the held-out score of the training reward's top tenth of each rollout
              (`hacking/heldout_of_top`): the answers the policy is moving towards, where a hack shows first
+  stall      the policy keeps moving while held-out reward models see nothing gained: the moving-average KL to the
+             reference grew by at least `stall_kl` nats and to at least `stall_ratio` × its value at the held-out
+             score's best, while the training reward rose — KL spent on what only the training reward values (the
+             held-out score need not fall: reward models trained on the same kind of labels share the proxy's
+             blind spots, so the first gold lost is often invisible to them, but the distance travelled is not)
   ensemble   the training ensemble's disagreement (`hacking/ensemble_std`) rose above `ensemble_ratio` × baseline
   length     mean response length left [baseline / length_ratio, baseline × length_ratio]
   repetition distinct-2 fell below `distinct_ratio` × baseline
@@ -90,6 +95,8 @@ class HackingDetector:
     distinct_ratio: float = 0.7
     ensemble_ratio: float = 2.0
     heldout_drop: float = 0.5
+    stall_kl: float = 0.5
+    stall_ratio: float = 1.5
     window: int = 5
     patience: int = 3
     audit_alpha: float = 0.002                   # one-sided level of the spot check's test (Bonferroni-corrected); 0 = off
@@ -125,7 +132,7 @@ class HackingDetector:
         return list(self.tripping().values())
 
     def tripping(self) -> dict[str, str]:
-        """The signals tripping now: name (kl, length, repetition, ensemble, heldout, favourites, audit) -> why."""
+        """The signals tripping now: name (kl, length, repetition, ensemble, heldout, stall, favourites, audit) -> why."""
         h = self.history
         out = {}
         if (why := self._audit_fell()) is not None:
@@ -152,6 +159,9 @@ class HackingDetector:
             _, fell = self._fall("reward/heldout")
             if fell is not None:
                 out["heldout"] = f"held-out reward fell {fell:.2f} spreads below its best while the training reward rose"
+        if self.stall_kl > 0 and "reward/heldout" in h and "kl" in h:
+            if (why := self._stalled()) is not None:
+                out["stall"] = why
         if self.heldout_drop > 0 and "hacking/heldout_of_top" in h:
             _, fell = self._fall("hacking/heldout_of_top")
             if fell is not None:
@@ -189,6 +199,20 @@ class HackingDetector:
         return (f"spot check: approved {shown}, below {best[1]}/{best[2]} at iteration {best[0]} (one-sided p "
                 f"{p_value:.2g} pooled, {len(earlier)} earlier checks) while the training reward rose; "
                 f"{sum(a[2] for a in self.audits)} responses checked so far")
+
+    def _stalled(self) -> str | None:
+        """Why the `stall` signal trips now, or None (see the module's docstring)."""
+        values = self.history["reward/heldout"]
+        if len(values) != len(self.history["kl"]):
+            return None
+        best = max(range(self.window - 1, len(values)), key=lambda i: self._smoothed("reward/heldout", i + 1))
+        then, now = self._smoothed("kl", best + 1), self._smoothed("kl")
+        if now - then < self.stall_kl or now < self.stall_ratio * then:
+            return None
+        if self._smoothed("reward/score") <= self._smoothed("reward/score", best + 1):
+            return None
+        return (f"held-out reward no higher than {len(values) - 1 - best} iterations ago while the KL to the reference "
+                f"grew from {then:.2f} to {now:.2f} nats and the training reward rose")
 
     def _fall(self, key: str) -> tuple[int, float | None]:
         """(index of the best moving average of `key`, how far the latest one fell below it in held-out spreads;
@@ -248,4 +272,5 @@ class HackingDetector:
     def from_config(cls, cfg) -> HackingDetector:
         return cls(kl_budget=cfg.hacking_kl_budget, length_ratio=cfg.hacking_length_ratio,
                    distinct_ratio=cfg.hacking_distinct_ratio, ensemble_ratio=cfg.hacking_ensemble_ratio,
-                   heldout_drop=cfg.hacking_heldout_drop, window=cfg.hacking_window, patience=cfg.hacking_patience)
+                   heldout_drop=cfg.hacking_heldout_drop, stall_kl=cfg.hacking_stall_kl,
+                   stall_ratio=cfg.hacking_stall_ratio, window=cfg.hacking_window, patience=cfg.hacking_patience)
