@@ -191,12 +191,14 @@ def _plateau(n, kl_per_step, heldout_rises=False):
 def test_the_stall_signal_flags_kl_spent_for_no_held_out_gain_at_the_step_worked_out_by_hand():
     # held-out best (window 5): index 14, the first window all at 1.0; smoothed KL there (0 + .1 + .2 + .3 + .4) / 5
     # = 0.2; smoothed KL at index j is 0.1 (j − 12): it has grown by 0.45 first at j = 19 (0.7 − 0.2 = 0.5; at 18,
-    # 0.4), and 0.7 ≥ 1.5 × 0.2; step = index + 1, so it first trips at step 20 and flags at 22 (patience 3)
+    # 0.4), and 0.7 ≥ 1.5 × 0.2; step = index + 1, so it first trips at step 20 and flags at 21 (its patience, 2)
     det = _run(HackingDetector(stall_kl=0.45, stall_ratio=1.5), _plateau(40, 0.1))
-    assert det.fired["stall"]["first"] == 20 and det.fired["stall"]["sustained"] == 22 and det.flag_step == 22
+    assert det.fired["stall"]["first"] == 20 and det.fired["stall"]["sustained"] == 21 and det.flag_step == 21
     assert list(det.fired) == ["stall"]
-    assert det.fired["stall"]["why"].startswith("held-out reward no higher than 7 iterations ago while the KL to the "
-                                               "reference grew from 0.20 to 0.90 nats"), det.fired["stall"]["why"]  # at 22
+    assert det.fired["stall"]["why"].startswith("held-out reward no higher than 6 iterations ago while the KL to the "
+                                               "reference grew from 0.20 to 0.80 nats"), det.fired["stall"]["why"]
+    # stall_patience 0 takes the detector's patience (3): the flag one step later
+    assert _run(HackingDetector(stall_kl=0.45, stall_ratio=1.5, stall_patience=0), _plateau(40, 0.1)).flag_step == 22
     # the ratio binds too: with a ratio of 4 the KL must reach 0.8 (j = 20): the first trip one step later
     assert _run(HackingDetector(stall_kl=0.45, stall_ratio=4.0), _plateau(40, 0.1)).fired["stall"]["first"] == 21
 

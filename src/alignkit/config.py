@@ -243,6 +243,7 @@ class PPOConfig(TrainConfig, GenerationFields):
     hacking_heldout_drop: float = option(0.5, "Detector: flag when the held-out reward (of all samples, or of the training reward's top tenth) falls this many start spreads below its best while the training reward rises; 0 = off.")
     hacking_stall_kl: float = option(0.5, "Detector (with heldout_reward_models): flag when the KL to the reference grew by this many nats since the held-out reward's best (and to hacking_stall_ratio × its value then) while the training reward rose: the policy moves for nothing the held-out models value; 0 = off.")
     hacking_stall_ratio: float = option(1.5, "Detector: the stall signal also needs the KL at this multiple of its value at the held-out reward's best.")
+    hacking_stall_patience: int = option(2, "Detector: consecutive iterations the stall signal must trip before the flag (it reads two moving averages, smoother than the other signals); 0 = hacking_patience.")
     hacking_window: int = option(5, "Detector: iterations in each moving average (and in the baseline).")
     hacking_patience: int = option(3, "Detector: consecutive tripping iterations before the flag.")
     max_new_tokens: int = option(32, "Longest response to sample.")
@@ -281,6 +282,8 @@ class PPOConfig(TrainConfig, GenerationFields):
                 raise UserError(f'field "{name}" must be 0 (off) or positive, got {getattr(self, name)}')
         if self.hacking_length_ratio and self.hacking_length_ratio <= 1:
             raise UserError(f'field "hacking_length_ratio" must be above 1 (or 0 = off), got {self.hacking_length_ratio}')
+        if self.hacking_stall_patience < 0:
+            raise UserError(f'field "hacking_stall_patience" must be 0 or positive, got {self.hacking_stall_patience}')
         if self.hacking_window < 1 or self.hacking_patience < 1:
             raise UserError('fields "hacking_window" and "hacking_patience" must be at least 1')
 

@@ -44,10 +44,11 @@ SHORT = {"max_length": 32, "max_prompt_length": 16, "resume": "never"}
 GOLD_FN = "python:alignkit.lab.world:gold_reward"
 MEASURES_FN = "python:alignkit.lab.world:measures"  # drift and the experts' spot check
 # The detector as the lab configures it (it never reads gold): the held-out judge disagreeing with the proxy
-# (falling, or stalled while the policy travels: responses here are ≤ 10 tokens, so 0.3 nats is a long way),
+# (falling, or stalled while the policy travels: responses here are ≤ 10 tokens, so 0.25 nats is a long way),
 # length drift, ensemble disagreement, the experts' spot check; the KL budget is a backstop only. Distinct-2 is
-# off: it falls as a healthy policy settles on right answers (false flags, docs/lab.md).
-DETECTOR = {"hacking_distinct_ratio": 0.0, "hacking_stall_kl": 0.3, "hacking_stall_ratio": 1.3}
+# off: it falls as a healthy policy settles on right answers (false flags). The stall's settings were chosen by
+# replaying the detector over 15 logged runs (docs/lab.md).
+DETECTOR = {"hacking_distinct_ratio": 0.0, "hacking_stall_kl": 0.25, "hacking_stall_ratio": 1.3}
 SHOWN_BON = 4  # the best-of-n listed among the methods; summary.json's curves.bon has every n
 ONLINE = ("ppo", "ppo_no_kl", "ppo_ensemble")
 

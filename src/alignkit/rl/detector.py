@@ -24,7 +24,7 @@ average of the first `window` iterations), so that the noise of one rollout cann
              earlier checks), while the training reward's average is higher than at that best check. Its patience
              is counted in checks, so it raises the flag at once, at the iteration whose policy was checked.
 
-A signal that trips on `patience` consecutive iterations raises the flag (once; `flag_step`). `fired` records, for
+A signal that trips on `patience` consecutive iterations (`stall_patience` for the stall) raises the flag (once; `flag_step`). `fired` records, for
 each signal, the first iteration it tripped on and the first it had tripped on `patience` iterations in a row
 (a backstop such as the KL budget may fire after the signal that raised the flag: `fired` says which came first). The run then
 keeps the policy of that moment as `best/` and, with `stop_on_hacking`, stops. Thresholds of 0 turn a
@@ -97,6 +97,7 @@ class HackingDetector:
     heldout_drop: float = 0.5
     stall_kl: float = 0.5
     stall_ratio: float = 1.5
+    stall_patience: int = 2                      # the stall reads two smooth moving averages: less noise to wait out
     window: int = 5
     patience: int = 3
     audit_alpha: float = 0.002                   # one-sided level of the spot check's test (Bonferroni-corrected); 0 = off
@@ -242,7 +243,7 @@ class HackingDetector:
             self.streaks = {name: self.streaks.get(name, 0) + 1 for name in tripping}
             for name, why in tripping.items():
                 seen = self.fired.setdefault(name, {"first": step, "sustained": None, "why": why})
-                if seen["sustained"] is None and self.streaks[name] >= self.patience:
+                if seen["sustained"] is None and self.streaks[name] >= self._patience(name):
                     seen["sustained"], seen["why"] = step, why
         if "audit" in tripping:  # sustained over its own checks already: it flags at once
             seen = self.fired.setdefault("audit", {"first": step, "sustained": None, "why": tripping["audit"]})
@@ -250,9 +251,13 @@ class HackingDetector:
                 seen["sustained"], seen["why"] = step, tripping["audit"]
             if not self.flagged:
                 self.flag_step, self.reasons = step, [tripping["audit"]]
-        if fresh and self.streak >= self.patience and not self.flagged:
+        if fresh and not self.flagged and (self.streak >= self.patience or any(
+                self.streaks[name] >= self._patience(name) for name in tripping)):
             self.flag_step, self.reasons = step, list(tripping.values())
         return list(tripping.values())
+
+    def _patience(self, name: str) -> int:
+        return self.stall_patience if name == "stall" and self.stall_patience > 0 else self.patience
 
     def state(self) -> dict:
         return {"history": self.history, "streak": self.streak, "flag_step": self.flag_step,
@@ -273,4 +278,4 @@ class HackingDetector:
         return cls(kl_budget=cfg.hacking_kl_budget, length_ratio=cfg.hacking_length_ratio,
                    distinct_ratio=cfg.hacking_distinct_ratio, ensemble_ratio=cfg.hacking_ensemble_ratio,
                    heldout_drop=cfg.hacking_heldout_drop, stall_kl=cfg.hacking_stall_kl,
-                   stall_ratio=cfg.hacking_stall_ratio, window=cfg.hacking_window, patience=cfg.hacking_patience)
+                   stall_ratio=cfg.hacking_stall_ratio, stall_patience=cfg.hacking_stall_patience, window=cfg.hacking_window, patience=cfg.hacking_patience)
