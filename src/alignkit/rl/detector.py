@@ -24,7 +24,8 @@ average of the first `window` iterations), so that the noise of one rollout cann
              earlier checks), while the training reward's average is higher than at that best check. Its patience
              is counted in checks, so it raises the flag at once, at the iteration whose policy was checked.
 
-A signal that trips on `patience` consecutive iterations (`stall_patience` for the stall) raises the flag (once; `flag_step`). `fired` records, for
+A signal that trips on `patience` consecutive iterations (`stall_patience` for the stall) raises the flag (once;
+`flag_step`). `fired` records, for
 each signal, the first iteration it tripped on and the first it had tripped on `patience` iterations in a row
 (a backstop such as the KL budget may fire after the signal that raised the flag: `fired` says which came first). The run then
 keeps the policy of that moment as `best/` and, with `stop_on_hacking`, stops. Thresholds of 0 turn a
@@ -124,6 +125,11 @@ class HackingDetector:
         recent = values[-self.window:]
         return sum(recent) / len(recent)
 
+    def _moving(self, key: str) -> list[float]:
+        """The moving average of `key` ending at every iteration: `_smoothed(key, i + 1)` for each i, bit for bit."""
+        values, w = self.history[key], self.window
+        return [sum(values[max(0, i + 1 - w):i + 1]) / min(i + 1, w) for i in range(len(values))]
+
     def _baseline(self, key: str) -> float:
         first = self.history[key][:self.window]
         return sum(first) / len(first)
@@ -203,24 +209,23 @@ class HackingDetector:
 
     def _stalled(self) -> str | None:
         """Why the `stall` signal trips now, or None (see the module's docstring)."""
-        values = self.history["reward/heldout"]
-        if len(values) != len(self.history["kl"]):
+        heldout, kl = self._moving("reward/heldout"), self._moving("kl")
+        if len(heldout) != len(kl):
             return None
-        best = max(range(self.window - 1, len(values)), key=lambda i: self._smoothed("reward/heldout", i + 1))
-        then, now = self._smoothed("kl", best + 1), self._smoothed("kl")
+        best = max(range(self.window - 1, len(heldout)), key=heldout.__getitem__)
+        then, now = kl[best], kl[-1]
         if now - then < self.stall_kl or now < self.stall_ratio * then:
             return None
         if self._smoothed("reward/score") <= self._smoothed("reward/score", best + 1):
             return None
-        return (f"held-out reward no higher than {len(values) - 1 - best} iterations ago while the KL to the reference "
+        return (f"held-out reward no higher than {len(heldout) - 1 - best} iterations ago while the KL to the reference "
                 f"grew from {then:.2f} to {now:.2f} nats and the training reward rose")
 
     def _fall(self, key: str) -> tuple[int, float | None]:
         """(index of the best moving average of `key`, how far the latest one fell below it in held-out spreads;
         None unless by more than `heldout_drop` while the training reward's average is higher than then)."""
-        values = self.history[key]
-        smoothed = [self._smoothed(key, i + 1) for i in range(len(values))]
-        best = max(range(self.window - 1, len(values)), key=lambda i: smoothed[i])
+        smoothed = self._moving(key)
+        best = max(range(self.window - 1, len(smoothed)), key=smoothed.__getitem__)
         scale = max(self.heldout_scale or 0.0, 1e-6)
         fell = (smoothed[best] - smoothed[-1]) / scale
         rose = self._smoothed("reward/score") > self._smoothed("reward/score", best + 1)
@@ -278,4 +283,5 @@ class HackingDetector:
         return cls(kl_budget=cfg.hacking_kl_budget, length_ratio=cfg.hacking_length_ratio,
                    distinct_ratio=cfg.hacking_distinct_ratio, ensemble_ratio=cfg.hacking_ensemble_ratio,
                    heldout_drop=cfg.hacking_heldout_drop, stall_kl=cfg.hacking_stall_kl,
-                   stall_ratio=cfg.hacking_stall_ratio, stall_patience=cfg.hacking_stall_patience, window=cfg.hacking_window, patience=cfg.hacking_patience)
+                   stall_ratio=cfg.hacking_stall_ratio, stall_patience=cfg.hacking_stall_patience,
+                   window=cfg.hacking_window, patience=cfg.hacking_patience)
