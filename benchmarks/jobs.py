@@ -37,6 +37,15 @@ def alignkit_reward(world, steps, data, out):
     return _first_loss(out), _loop_seconds(out)
 
 
+def alignkit_sft(world, steps, data, out):
+    from alignkit.config import SFTConfig
+    from alignkit.train.sft import train_sft
+
+    train_sft(SFTConfig(model=world["policy"], data=(data,), output_dir=out, max_steps=steps, batch_size=BATCH,
+                        lr=LR, lr_schedule="constant", max_length=512, seed=SEED, resume="never", log_every=1))
+    return _first_loss(out), _loop_seconds(out)
+
+
 def _loop_seconds(out):
     with open(os.path.join(out, "final", "alignkit_run.json")) as f:
         return json.load(f)["loop_seconds"]
@@ -67,6 +76,21 @@ def trl_dpo(world, steps, data, out, precompute=False, checkpointing=True):
                      precompute_ref_log_probs=precompute)
     dataset = load_dataset("json", data_files=data, split="train")
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
+    result = trainer.train()
+    return next(h["loss"] for h in trainer.state.log_history if "loss" in h), result.metrics["train_runtime"]
+
+
+def trl_sft(world, steps, data, out, checkpointing=True):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["policy"])
+    model = AutoModelForCausalLM.from_pretrained(world["policy"])
+    # prompt-completion rows: TRL's loss is on the completion only, like alignkit's default
+    args = SFTConfig(**_trl_common(out, steps, checkpointing), max_length=512)
+    dataset = load_dataset("json", data_files=data, split="train")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     result = trainer.train()
     return next(h["loss"] for h in trainer.state.log_history if "loss" in h), result.metrics["train_runtime"]
 
@@ -188,6 +212,9 @@ JOBS = {
     "trl-dpo": trl_dpo,
     "trl-dpo-precompute": lambda *a: trl_dpo(*a, precompute=True),
     "trl-dpo-no-checkpointing": lambda *a: trl_dpo(*a, checkpointing=False),
+    "alignkit-sft": alignkit_sft,
+    "trl-sft": trl_sft,
+    "trl-sft-no-checkpointing": lambda *a: trl_sft(*a, checkpointing=False),
     "alignkit-reward": alignkit_reward,
     "trl-reward": trl_reward,
     "trl-reward-no-checkpointing": lambda *a: trl_reward(*a, checkpointing=False),
