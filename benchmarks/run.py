@@ -27,10 +27,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 
 
-def run_job(job: str, world_dir: Path, steps: int, data: str, threads: int, python: str = sys.executable) -> dict:
+def run_job(job: str, world_dir: Path, steps: int, data: str, threads: int, python: str = sys.executable,
+            settings: dict | None = None) -> dict:
+    """Run one job of jobs.py in a fresh process; `settings` override jobs.py's shapes (BATCH, SAMPLES, …)."""
     out = tempfile.mkdtemp(prefix=f"bench-{job}-")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           "BENCH_SETTINGS": json.dumps(settings or {})}
     began = time.perf_counter()
     proc = subprocess.run([python, str(HERE / "jobs.py"), job, str(world_dir), str(steps), data, out],
                           capture_output=True, text=True, env=env)

@@ -4,7 +4,7 @@
                                [--lengths 128,256,512,1024,2048] [--steps 3] [--threads 2]
                                [--checkpointing] [--out benchmarks/results] [--plots benchmarks/plots]
 
-Two one-dimensional sweeps around a middle point: every model size at sequence length 256, and every
+Two one-dimensional sweeps around a middle point: every model size at sequence length 128, and every
 sequence length on the 21M model (hidden 256, 4 layers). Every model has a 32,000-word vocabulary and is
 built in-process (Llama, untied embeddings). Rows have exact lengths (one word = one token): a sequence of
 length T is `<s>` + T/2 − 1 prompt words + T/2 − 1 response words + `</s>`, so a preference pair is a
@@ -16,11 +16,12 @@ after the first. TRL runs in its fastest CPU setting: no gradient checkpointing,
 precomputed (as alignkit does by default), so both loops train the policy only. Memory is the process's
 peak RSS, and what it grew by from the start of the first step ("train MB": activations, gradients,
 optimizer state). Utilisation: the FLOPs the step's maths needs (flops.py) per second of step, over the
-float32 matmul peak measured at the start of the sweep. `--checkpointing` adds alignkit with gradient
+float32 matmul peak measured just before and after that point's process (the better of the two: the
+machine is shared and its load changes). `--checkpointing` adds alignkit with gradient
 checkpointing on the sequence-length sweep (sft, dpo).
 
-Results go to OUT/sweep.json and OUT/sweep.csv as they come (a partial sweep is kept), plots to PLOTS/.
-`--plot-only` redraws the plots from OUT/sweep.json.
+Points run cheapest first. Results go to OUT/sweep.json and OUT/sweep.csv as they come (a partial sweep is
+kept; `--resume` runs only the points missing there), plots to PLOTS/. `--plot-only` redraws the plots.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ VOCAB_SIZE = 32000
 NEW_TOKENS = 32
 # name: hidden, layers, heads, MLP width (Llama proportions, 32k vocabulary: the name is the total size)
 SIZES = {"4M": (64, 2, 2, 256), "21M": (256, 4, 4, 1024), "58M": (512, 8, 8, 1376), "134M": (768, 12, 12, 2048)}
-MIDDLE_SIZE, MIDDLE_LENGTH = "21M", 256
+MIDDLE_SIZE, MIDDLE_LENGTH = "21M", 128
 BATCH = {"sft": 4, "dpo": 2, "reward": 2, "grpo": 2}
 PROMPTS, SAMPLES = 2, 4
 JOBS = {("sft", "alignkit"): "alignkit-sft", ("sft", "trl"): "trl-sft-no-checkpointing",
@@ -97,6 +98,8 @@ def step_flops(trainer: str, size: str, length: int) -> float:
 
 
 def run_point(trainer: str, side: str, size: str, length: int, steps: int, threads: int, work: Path) -> dict:
+    from flops import matmul_peak
+
     world = build_world(work / f"{size}-{length}", size, length, rows=max(16, steps * BATCH[trainer] * 2))
     job = JOBS[(trainer, side)]
     settings = {"MAX_LENGTH": length + 64, "MAX_PROMPT_LENGTH": length, "BATCH": BATCH[trainer],
@@ -108,11 +111,13 @@ def run_point(trainer: str, side: str, size: str, length: int, steps: int, threa
            "BENCH_SETTINGS": json.dumps(settings)}
     (work / "world.json").write_text(json.dumps(world))
     out = tempfile.mkdtemp(prefix=f"sweep-{job}-", dir=work)
+    peak = matmul_peak(threads)  # before and after the job: the machine is shared, its load changes
     began = time.perf_counter()
     proc = subprocess.run([sys.executable, str(HERE / "jobs.py"), job, str(work), str(steps), data, out],
                           capture_output=True, text=True, env=env)
     row = {"trainer": trainer, "side": side, "size": size, "length": length, "steps": steps,
-           "params_m": params(size) / 1e6, "process_seconds": time.perf_counter() - began}
+           "params_m": params(size) / 1e6, "process_seconds": time.perf_counter() - began,
+           "peak_flops": max(peak, matmul_peak(threads))}
     if proc.returncode != 0:
         return {**row, "error": proc.stderr.strip().splitlines()[-1][:300] if proc.stderr.strip() else "failed"}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -133,8 +138,8 @@ def params(size: str) -> int:
 
 
 def points(args) -> list[tuple]:
-    """(trainer, side, size, length) in the order they run: the sequence-length sweep first (memory slopes),
-    then the model sizes; the middle point once."""
+    """(trainer, side, size, length), cheapest first (parameters × length), so that a sweep cut short has
+    every trainer's small points; the middle point once."""
     out = []
     for trainer in args.trainers:
         sides = ["alignkit", "trl"] + (["alignkit-checkpointing"] if args.checkpointing and trainer in ("sft", "dpo")
@@ -144,10 +149,10 @@ def points(args) -> list[tuple]:
         for size in args.sizes:
             if size != MIDDLE_SIZE:
                 out += [(trainer, side, size, MIDDLE_LENGTH) for side in ("alignkit", "trl")]
-    return out
+    return sorted(out, key=lambda p: params(p[2]) * p[3])  # stable: each point's sides stay together
 
 
-def plot(rows: list[dict], peak: float, folder: Path) -> list[Path]:
+def plot(rows: list[dict], threads: int, folder: Path) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,7 +173,7 @@ def plot(rows: list[dict], peak: float, folder: Path) -> list[Path]:
                 xs = [r[axis] for r in series]
                 axes[0][col].plot(xs, [r["step_seconds"] for r in series], style, label=side)
                 axes[1][col].plot(xs, [r["peak_rss_mb"] for r in series], style, label=side)
-                axes[2][col].plot(xs, [100 * r["step_flops"] / r["step_seconds"] / peak for r in series], style,
+                axes[2][col].plot(xs, [100 * r["step_flops"] / r["step_seconds"] / r["peak_flops"] for r in series], style,
                                   label=side)
             axes[0][col].set_title(trainer)
             for row, ylabel in enumerate(("seconds per step", "peak RSS (MB)", "% of matmul peak")):
@@ -182,8 +187,8 @@ def plot(rows: list[dict], peak: float, folder: Path) -> list[Path]:
                 if ax.get_legend_handles_labels()[0]:
                     ax.legend(fontsize=8)
         name = "sweep_length.png" if axis == "length" else "sweep_size.png"
-        fig.suptitle(f"alignkit vs TRL, CPU float32, peak {peak / 1e9:.0f} GFLOP/s: "
-                     + ("model 21M, sequence length varies" if axis == "length" else "sequence 256, model size varies"))
+        fig.suptitle(f"alignkit vs TRL, CPU float32, {threads} thread(s): "
+                     + ("model 21M, sequence length varies" if axis == "length" else "sequence 128, model size varies"))
         fig.tight_layout()
         fig.savefig(folder / name, dpi=80)
         plt.close(fig)
@@ -191,16 +196,16 @@ def plot(rows: list[dict], peak: float, folder: Path) -> list[Path]:
     return saved
 
 
-def table(rows: list[dict], peak: float) -> str:
+def table(rows: list[dict]) -> str:
     lines = [f"{'trainer':7} {'side':23} {'size':>5} {'len':>5} {'s/step':>8} {'tok/s':>8} {'peak MB':>8} "
-             f"{'train MB':>9} {'util %':>7}"]
+             f"{'train MB':>9} {'util %':>7}  (of GFLOP/s)"]
     for r in rows:
         if "error" in r:
             lines.append(f"{r['trainer']:7} {r['side']:23} {r['size']:>5} {r['length']:>5}  failed: {r['error']}")
             continue
         lines.append(f"{r['trainer']:7} {r['side']:23} {r['size']:>5} {r['length']:>5} {r['step_seconds']:8.2f} "
                      f"{r['tokens_per_s']:8.0f} {r['peak_rss_mb']:8.0f} {r['train_mb']:9.0f} "
-                     f"{100 * r['step_flops'] / r['step_seconds'] / peak:7.1f}")
+                     f"{100 * r['step_flops'] / r['step_seconds'] / r['peak_flops']:7.1f}  ({r['peak_flops'] / 1e9:.0f})")
     return "\n".join(lines)
 
 
@@ -216,6 +221,7 @@ def main() -> None:
     parser.add_argument("--plots", default=str(HERE / "plots"))
     parser.add_argument("--work", default=None, help="folder for models and runs (default: a temp folder)")
     parser.add_argument("--plot-only", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="keep OUT/sweep.json's points and run the others")
     args = parser.parse_args()
     args.trainers = args.trainers.split(",")
     args.sizes = args.sizes.split(",")
@@ -225,29 +231,30 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     if args.plot_only:
         saved = json.loads((out / "sweep.json").read_text())
-        print(table(saved["rows"], saved["peak_flops"]))
-        print("\n".join(str(p) for p in plot(saved["rows"], saved["peak_flops"], Path(args.plots))))
+        print(table(saved["rows"]))
+        print("\n".join(str(p) for p in plot(saved["rows"], saved["threads"], Path(args.plots))))
         return
-    from flops import matmul_peak
-
-    peak = matmul_peak(args.threads)
-    print(f"float32 matmul peak, {args.threads} threads: {peak / 1e9:.1f} GFLOP/s", flush=True)
     work = Path(args.work or tempfile.mkdtemp(prefix="sweep-"))
     rows: list[dict] = []
+    if args.resume and (out / "sweep.json").exists():  # keep the points measured so far
+        rows = [r for r in json.loads((out / "sweep.json").read_text())["rows"] if "error" not in r]
+    done = {(r["trainer"], r["side"], r["size"], r["length"]) for r in rows}
     for trainer, side, size, length in points(args):
+        if (trainer, side, size, length) in done:
+            continue
         row = run_point(trainer, side, size, length, args.steps, args.threads, work)
         rows.append(row)
-        print(table([row], peak).splitlines()[-1], flush=True)
-        (out / "sweep.json").write_text(json.dumps({"peak_flops": peak, "threads": args.threads, "rows": rows}))
+        print(table([row]).splitlines()[-1], flush=True)
+        (out / "sweep.json").write_text(json.dumps({"threads": args.threads, "rows": rows}))
         with open(out / "sweep.csv", "w", newline="") as f:
             fields = [k for k in rows[0] if k != "all_step_seconds"] + ["utilisation"]
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader()
             for r in rows:
-                util = r["step_flops"] / r["step_seconds"] / peak if "step_seconds" in r else ""
+                util = r["step_flops"] / r["step_seconds"] / r["peak_flops"] if "step_seconds" in r else ""
                 writer.writerow({**r, "utilisation": util})
-    print(table(rows, peak))
-    print("\n".join(str(p) for p in plot(rows, peak, Path(args.plots))))
+    print(table(rows))
+    print("\n".join(str(p) for p in plot(rows, args.threads, Path(args.plots))))
 
 
 if __name__ == "__main__":
