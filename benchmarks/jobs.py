@@ -79,7 +79,7 @@ def alignkit_reward(world, steps, data, out):
 
     train_reward(RewardConfig(model=world["policy"], data=(data,), output_dir=out, max_steps=steps,
                               batch_size=BATCH, lr=LR, lr_schedule="constant", max_length=MAX_LENGTH,
-                              max_prompt_length=256, seed=SEED, resume="never", eval_fraction=0.0, log_every=1))
+                              max_prompt_length=MAX_PROMPT_LENGTH, seed=SEED, resume="never", eval_fraction=0.0, log_every=1))
     return _first_loss(out), _loop_seconds(out)
 
 
