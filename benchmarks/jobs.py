@@ -15,6 +15,51 @@ import sys
 import time
 
 BATCH, LR, BETA, SEED = 8, 1e-5, 0.1, 0
+MAX_LENGTH, MAX_PROMPT_LENGTH = 512, 256  # longer than every benchmark row: nothing is truncated
+CHECKPOINTING = False  # alignkit's gradient checkpointing (sweep.py's alignkit-checkpointing side)
+STEP_SECONDS: list[float] = []  # each training step's wall time, by the hooks below
+RSS_AT_FIRST_STEP: list[float] = []
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _timed_step(inner):
+    def step(*args, **kwargs):
+        if not RSS_AT_FIRST_STEP:
+            RSS_AT_FIRST_STEP.append(rss_mb())
+        began = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            STEP_SECONDS.append(time.perf_counter() - began)
+    return step
+
+
+def time_alignkit_steps() -> None:
+    """Time each step of alignkit's loop (offline trainers and ppo/grpo/rloo alike)."""
+    from alignkit.train import loop, ppo
+
+    for cls in (loop.BatchTrainer, ppo.PPOTrainer):
+        cls.step = _timed_step(cls.step)
+
+
+def trl_step_timer():
+    """A callback that times each optimizer step of a TRL trainer (generation included for GRPO and RLOO)."""
+    from transformers import TrainerCallback
+
+    class StepTimer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if not RSS_AT_FIRST_STEP:
+                RSS_AT_FIRST_STEP.append(rss_mb())
+            self.began = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            STEP_SECONDS.append(time.perf_counter() - self.began)
+
+    return StepTimer()
 
 
 def alignkit_dpo(world, steps, data, out, precompute=True):
@@ -23,7 +68,8 @@ def alignkit_dpo(world, steps, data, out, precompute=True):
 
     train_dpo(DPOConfig(model=world["policy"], ref_model=world["reference"], data=(data,), output_dir=out,
                         max_steps=steps, batch_size=BATCH, lr=LR, beta=BETA, lr_schedule="constant",
-                        max_length=512, max_prompt_length=256, seed=SEED, resume="never", log_every=1))
+                        max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH, seed=SEED, resume="never",
+                        log_every=1, gradient_checkpointing=CHECKPOINTING))
     return _first_loss(out), _loop_seconds(out)
 
 
@@ -32,8 +78,18 @@ def alignkit_reward(world, steps, data, out):
     from alignkit.train.reward import train_reward
 
     train_reward(RewardConfig(model=world["policy"], data=(data,), output_dir=out, max_steps=steps,
-                              batch_size=BATCH, lr=LR, lr_schedule="constant", max_length=512,
-                              max_prompt_length=256, seed=SEED, resume="never", eval_fraction=0.0, log_every=1))
+                              batch_size=BATCH, lr=LR, lr_schedule="constant", max_length=MAX_LENGTH,
+                              max_prompt_length=MAX_PROMPT_LENGTH, seed=SEED, resume="never", eval_fraction=0.0, log_every=1))
+    return _first_loss(out), _loop_seconds(out)
+
+
+def alignkit_sft(world, steps, data, out):
+    from alignkit.config import SFTConfig
+    from alignkit.train.sft import train_sft
+
+    train_sft(SFTConfig(model=world["policy"], data=(data,), output_dir=out, max_steps=steps, batch_size=BATCH,
+                        lr=LR, lr_schedule="constant", max_length=MAX_LENGTH, seed=SEED, resume="never", log_every=1,
+                        gradient_checkpointing=CHECKPOINTING))
     return _first_loss(out), _loop_seconds(out)
 
 
@@ -63,10 +119,27 @@ def trl_dpo(world, steps, data, out, precompute=False, checkpointing=True):
     tokenizer = AutoTokenizer.from_pretrained(world["policy"])
     model = AutoModelForCausalLM.from_pretrained(world["policy"])
     ref = AutoModelForCausalLM.from_pretrained(world["reference"])
-    args = DPOConfig(**_trl_common(out, steps, checkpointing), beta=BETA, max_length=512,
+    args = DPOConfig(**_trl_common(out, steps, checkpointing), beta=BETA, max_length=MAX_LENGTH,
                      precompute_ref_log_probs=precompute)
     dataset = load_dataset("json", data_files=data, split="train")
-    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[trl_step_timer()])
+    result = trainer.train()
+    return next(h["loss"] for h in trainer.state.log_history if "loss" in h), result.metrics["train_runtime"]
+
+
+def trl_sft(world, steps, data, out, checkpointing=True):
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    tokenizer = AutoTokenizer.from_pretrained(world["policy"])
+    model = AutoModelForCausalLM.from_pretrained(world["policy"])
+    # prompt-completion rows: TRL's loss is on the completion only, like alignkit's default
+    args = SFTConfig(**_trl_common(out, steps, checkpointing), max_length=MAX_LENGTH)
+    dataset = load_dataset("json", data_files=data, split="train")
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                         callbacks=[trl_step_timer()])
     result = trainer.train()
     return next(h["loss"] for h in trainer.state.log_history if "loss" in h), result.metrics["train_runtime"]
 
@@ -78,9 +151,10 @@ def trl_reward(world, steps, data, out, checkpointing=True):
 
     tokenizer = AutoTokenizer.from_pretrained(world["policy"])
     model = AutoModelForSequenceClassification.from_pretrained(world["policy"], num_labels=1)
-    args = RewardConfig(**_trl_common(out, steps, checkpointing), max_length=512)
+    args = RewardConfig(**_trl_common(out, steps, checkpointing), max_length=MAX_LENGTH)
     dataset = load_dataset("json", data_files=data, split="train")
-    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer,
+                            callbacks=[trl_step_timer()])
     result = trainer.train()
     return next(h["loss"] for h in trainer.state.log_history if "loss" in h), result.metrics["train_runtime"]
 
@@ -104,7 +178,7 @@ def alignkit_online(world, steps, data, out, algo="grpo"):
     train_ppo(PPOConfig(model=world["policy"], data=(data,), output_dir=out, algo=algo, max_steps=steps,
                         reward_fn="python:jobs:even_word_share", rollout_batch_size=PROMPTS,
                         samples_per_prompt=SAMPLES, max_new_tokens=NEW_TOKENS, lr=LR, kl_coef=KL, seed=SEED,
-                        resume="never", max_length=512, max_prompt_length=256))
+                        resume="never", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH))
     with open(os.path.join(out, "final", "alignkit_run.json")) as f:
         return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds(out)
 
@@ -126,7 +200,7 @@ def trl_online(world, steps, data, out, algo="grpo"):
         from trl import RLOOTrainer as Trainer
     args = Config(**common)
     trainer = Trainer(model=model, reward_funcs=[even_word_share], args=args, train_dataset=dataset,
-                      processing_class=tokenizer)
+                      processing_class=tokenizer, callbacks=[trl_step_timer()])
     result = trainer.train()
     return float("nan"), result.metrics["train_runtime"]
 
@@ -141,7 +215,7 @@ def alignkit_ppo(world, steps, data, out):
     train_ppo(PPOConfig(model=world["policy"], data=(data,), output_dir=out, algo="ppo", max_steps=steps,
                         reward_model=world["reward"], rollout_batch_size=PPO_ROLLOUTS, samples_per_prompt=1,
                         max_new_tokens=NEW_TOKENS, ppo_epochs=1, num_minibatches=1, lr=LR, kl_coef=KL,
-                        temperature=1.0, seed=SEED, resume="never", max_length=512, max_prompt_length=256))
+                        temperature=1.0, seed=SEED, resume="never", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH))
     with open(os.path.join(out, "final", "alignkit_run.json")) as f:
         return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds(out)
 
@@ -188,6 +262,10 @@ JOBS = {
     "trl-dpo": trl_dpo,
     "trl-dpo-precompute": lambda *a: trl_dpo(*a, precompute=True),
     "trl-dpo-no-checkpointing": lambda *a: trl_dpo(*a, checkpointing=False),
+    "trl-dpo-precompute-no-checkpointing": lambda *a: trl_dpo(*a, precompute=True, checkpointing=False),
+    "alignkit-sft": alignkit_sft,
+    "trl-sft": trl_sft,
+    "trl-sft-no-checkpointing": lambda *a: trl_sft(*a, checkpointing=False),
     "alignkit-reward": alignkit_reward,
     "trl-reward": trl_reward,
     "trl-reward-no-checkpointing": lambda *a: trl_reward(*a, checkpointing=False),
@@ -196,6 +274,7 @@ JOBS = {
 
 def main():
     job, world_dir, steps, data, out = sys.argv[1:6]
+    globals().update(json.loads(os.environ.get("BENCH_SETTINGS", "{}")))  # sweep.py's shapes
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     import transformers
@@ -204,12 +283,15 @@ def main():
     torch.manual_seed(SEED)
     with open(os.path.join(world_dir, "world.json")) as f:
         world = json.load(f)
+    if job.startswith("alignkit"):
+        time_alignkit_steps()
     start = time.perf_counter()
     first_loss, loop_seconds = JOBS[job](world, int(steps), data, out)
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"job": job, "seconds": seconds, "loop_seconds": loop_seconds, "peak_rss_mb": peak_mb,
-                      "first_loss": first_loss}))
+                      "first_loss": first_loss, "step_seconds": STEP_SECONDS,
+                      "rss_first_step_mb": RSS_AT_FIRST_STEP[0] if RSS_AT_FIRST_STEP else float("nan")}))
 
 
 if __name__ == "__main__":
