@@ -104,7 +104,7 @@ def write_report(summary: dict, path: Path) -> None:
                      "y": [c["audit_approved"] / c["audit_n"] for c in curves[name]]}
                     for name in ONLINE if curves.get(name) and curves[name][0].get("audit_n")]
     if audit_series:
-        parts.append(chart(audit_series, title="The experts' spot check: share of the checked answers they approve",
+        parts.append(chart(audit_series, title="The experts' spot check: share of answers approved",
                            xlabel="iteration", ylabel="approved"))
     learned = []
     for name in ONLINE:
