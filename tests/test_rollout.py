@@ -100,3 +100,29 @@ def test_sampler_draws_from_the_distribution():
     se = (p.double() * (1 - p.double()) / len(draws)).sqrt()
     assert ((freq - p.double()).abs() <= 5 * se + 1e-12).all(), freq
     assert freq[1] == 0 and freq[5] == 0
+
+
+def test_two_level_sampler_draws_what_one_float64_inverse_cdf_draws():
+    """The block-then-inside inversion picks the token a single float64 cumulative sum over the whole
+    vocabulary picks for the same uniform number (vocabularies not a multiple of the block, top-p zeros)."""
+    from alignkit.rl.rollout import SAMPLE_BLOCK
+
+    g = torch.Generator().manual_seed(5)
+    for vocab in (7, SAMPLE_BLOCK, 1000, 32009):
+        logits = torch.randn(64, vocab, generator=g) * 4
+        probs = top_p_filter(logits, 0.9).softmax(-1)
+        u = torch.rand((64, 1), dtype=torch.float64, generator=torch.Generator().manual_seed(vocab))
+        cdf = probs.double().cumsum(-1)
+        oracle = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1).clamp(max=vocab - 1)
+        got = sample(probs, torch.Generator().manual_seed(vocab))
+        assert torch.equal(got, oracle), vocab
+        assert (probs.gather(-1, got[:, None]) > 0).all()
+
+
+def test_sampler_never_draws_a_zero_probability_token_at_the_top_of_a_block(monkeypatch):
+    """A draw at the very end of the distribution (u → 1) lands on the last token of positive probability,
+    not on the zeros that follow it or on the block's padding."""
+    probs = torch.zeros(3, 600)
+    probs[:, [3, 300, 511]] = torch.tensor([0.2, 0.3, 0.5])
+    monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, 1 - 2 ** -53, dtype=torch.float64))
+    assert sample(probs, None).tolist() == [511, 511, 511]

@@ -21,6 +21,7 @@ import torch
 
 from alignkit.data.collate import PackedBatch, SequenceBatch
 from alignkit.models.attention import packed_attention_mask, smallest_window
+from alignkit.models.vocab import fusable, head_target_logps
 
 
 @dataclass
@@ -284,7 +285,10 @@ def target_logps(model, kwargs: dict, positions, targets, temperature: float = 1
     if _fast_logits_ok(model, kwargs):
         # (PEFT injects its adapters into the base model's layers, so disable_adapter() applies here too)
         hidden = _backbone(model)(**kwargs).last_hidden_state                                     # (N, T, H)
-        logits = base.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions])  # (M, V)
+        head, hidden = base.get_output_embeddings(), hidden.reshape(-1, hidden.shape[-1])[positions]  # (M, H)
+        if fusable(head):  # the same numbers without a chain of (M, V) temporaries (alignkit.models.vocab)
+            return head_target_logps(head, hidden, targets, temperature, entropy)
+        logits = head(hidden)                                                                    # (M, V)
     else:
         full = model(**kwargs).logits
         logits = full.reshape(-1, full.shape[-1])[positions]                                     # (M, V)
