@@ -163,7 +163,7 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     alive = torch.ones(batch, dtype=torch.bool, device=device)
     alive_steps = []
     for _ in range(max_new_tokens):
-        scaled = logits.float() / max(temperature, 1e-6)
+        scaled = logits.float() if temperature == 1.0 else logits.float() / max(temperature, 1e-6)
         logp_all = scaled.log_softmax(-1)
         token = sample(top_p_filter(scaled, top_p).softmax(-1), generator)
         token = torch.where(alive, token, torch.full_like(token, pad_id))
@@ -173,7 +173,7 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
         logps.append(torch.where(alive, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1), 0.0))
         alive_steps.append(alive)
         alive = alive & (token != eos_id)
-        if not bool(alive.any()):
+        if not bool(alive.any()) or len(tokens) == max_new_tokens:  # (no forward for logits nobody samples from)
             break
         attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
         out = model(input_ids=token.unsqueeze(-1), attention_mask=attention,
