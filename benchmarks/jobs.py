@@ -18,6 +18,7 @@ BATCH, LR, BETA, SEED = 8, 1e-5, 0.1, 0
 MAX_LENGTH, MAX_PROMPT_LENGTH = 512, 256  # longer than every benchmark row: nothing is truncated
 CHECKPOINTING = False  # alignkit's gradient checkpointing (sweep.py's alignkit-checkpointing side)
 STEP_SECONDS: list[float] = []  # each training step's wall time, by the hooks below
+GENERATE_SECONDS: list[float] = []  # each generation call's wall time (online jobs: alignkit's rollout, TRL's generate)
 RSS_AT_FIRST_STEP: list[float] = []
 
 
@@ -44,6 +45,16 @@ def time_alignkit_steps() -> None:
 
     for cls in (loop.BatchTrainer, ppo.PPOTrainer):
         cls.step = _timed_step(cls.step)
+
+
+def _timed_generate(inner):
+    def generate(*args, **kwargs):
+        began = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            GENERATE_SECONDS.append(time.perf_counter() - began)
+    return generate
 
 
 def trl_step_timer():
@@ -173,12 +184,14 @@ def even_word_share(prompts, completions, **_):
 
 def alignkit_online(world, steps, data, out, algo="grpo"):
     from alignkit.config import PPOConfig
+    from alignkit.rl.rollout import generate
     from alignkit.train.ppo import train_ppo
 
     train_ppo(PPOConfig(model=world["policy"], data=(data,), output_dir=out, algo=algo, max_steps=steps,
                         reward_fn="python:jobs:even_word_share", rollout_batch_size=PROMPTS,
                         samples_per_prompt=SAMPLES, max_new_tokens=NEW_TOKENS, lr=LR, kl_coef=KL, seed=SEED,
-                        resume="never", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH))
+                        resume="never", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH),
+              generate_fn=_timed_generate(generate))
     with open(os.path.join(out, "final", "alignkit_run.json")) as f:
         return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds(out)
 
@@ -186,7 +199,9 @@ def alignkit_online(world, steps, data, out, algo="grpo"):
 def trl_online(world, steps, data, out, algo="grpo"):
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.generation.utils import GenerationMixin
 
+    GenerationMixin.generate = _timed_generate(GenerationMixin.generate)  # what TRL's trainers sample with
     tokenizer = AutoTokenizer.from_pretrained(world["policy"])
     model = AutoModelForCausalLM.from_pretrained(world["policy"])
     dataset = load_dataset("json", data_files=data, split="train").select_columns(["prompt"])
@@ -290,7 +305,7 @@ def main():
     seconds = time.perf_counter() - start
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(json.dumps({"job": job, "seconds": seconds, "loop_seconds": loop_seconds, "peak_rss_mb": peak_mb,
-                      "first_loss": first_loss, "step_seconds": STEP_SECONDS,
+                      "first_loss": first_loss, "step_seconds": STEP_SECONDS, "generate_seconds": GENERATE_SECONDS,
                       "rss_first_step_mb": RSS_AT_FIRST_STEP[0] if RSS_AT_FIRST_STEP else float("nan")}))
 
 

@@ -6,7 +6,9 @@ samples per prompt and 16–128 new tokens (SPEC §12, issue 14).
 The benchmark's world (`world.py`: 32k vocabulary, hidden 256, 4 layers); short prompts are 6–16 words, long
 ones 16–96. Each shape is two processes of `--steps` steps (4 prompts per step); per side: the mean time of the
 steps after the first, and the utilisation of the float32 matmul peak measured in the same run (flops.py's
-grpo step: generation, reference and trained log-probs). GRPO needs 2 samples at least (TRL refuses 1).
+grpo step: generation, reference and trained log-probs), and the wall time of generation alone (alignkit's
+rollout call; TRL's `model.generate`, timed from outside) with the speed-up of everything else in the step.
+GRPO needs 2 samples at least (TRL refuses 1).
 """
 
 from __future__ import annotations
@@ -49,7 +51,7 @@ def main() -> None:
     print(f"float32 matmul peak, {args.threads} threads: {peak / 1e9:.1f} GFLOP/s; grpo, {PROMPTS} prompts a step, "
           f"{args.steps} steps (time per step: the steps after the first)")
     print(f"{'shape':12} {'alignkit s/step':>15} {'TRL s/step':>11} {'speed-up':>9} {'util alignkit':>14} "
-          f"{'util TRL':>9}")
+          f"{'util TRL':>9} {'generation s (alignkit / TRL)':>30} {'rest speed-up':>14}")
     names = list(SHAPES) if args.shapes == "all" else args.shapes.split(",")
     rows = []
     for name in names:
@@ -65,13 +67,18 @@ def main() -> None:
         for side in ("alignkit", "trl"):
             result = run_job(f"{side}-grpo", world_dir, args.steps, str(data), args.threads, settings=settings)
             later = result["step_seconds"][1:] or result["step_seconds"]
+            generation = result.get("generate_seconds", [])
+            generation = generation[1:] or generation or [float("nan")]  # one generation per step on both sides
             row[side] = {"step_seconds": sum(later) / len(later), "peak_rss_mb": result["peak_rss_mb"],
+                         "generate_seconds": sum(generation) / len(generation),
                          "utilisation": step_flops / (sum(later) / len(later)) / peak}
         rows.append(row)
         a, t = row["alignkit"], row["trl"]
+        rest = (t["step_seconds"] - t["generate_seconds"]) / (a["step_seconds"] - a["generate_seconds"])
         print(f"{name:12} {a['step_seconds']:15.2f} {t['step_seconds']:11.2f} "
               f"{t['step_seconds'] / a['step_seconds']:8.2f}x {100 * a['utilisation']:13.1f}% "
-              f"{100 * t['utilisation']:8.1f}%", flush=True)
+              f"{100 * t['utilisation']:8.1f}% {a['generate_seconds']:16.2f} / {t['generate_seconds']:5.2f} "
+              f"({t['generate_seconds'] / a['generate_seconds']:4.2f}x) {rest:13.2f}x", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"peak_flops": peak, "rows": rows}))
 
