@@ -139,6 +139,24 @@ def test_a_second_backward_through_one_graph_recomputes_the_logits():
         torch.testing.assert_close(a, 2 * b, rtol=1e-12, atol=1e-12)
 
 
+def test_a_second_backward_under_autocast_recomputes_the_same_bf16_logits():
+    head, hidden, targets, upstream = _case(m=24, h=16, v=300, dtype=torch.float32)
+    hidden.requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        values = head_target_logps(head, hidden, targets)
+    first = torch.autograd.grad((values * upstream.float()).sum(), hidden, retain_graph=True)[0]
+    second = torch.autograd.grad((values * upstream.float()).sum(), hidden)[0]
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+
+
+def test_double_backward_is_refused_rather_than_wrong():
+    head, hidden, targets, _ = _case(m=5, h=4, v=9)
+    hidden.requires_grad_(True)
+    (g,) = torch.autograd.grad(head_target_logps(head, hidden, targets).sum(), hidden, create_graph=True)
+    with pytest.raises(RuntimeError):
+        torch.autograd.grad((g ** 2).sum(), head.weight)
+
+
 def test_only_plain_unhooked_linear_heads_are_fused():
     head = torch.nn.Linear(4, 5)
     assert fusable(head)
@@ -155,6 +173,10 @@ def test_only_plain_unhooked_linear_heads_are_fused():
     handle = head.register_forward_pre_hook(lambda module, args: None)  # FSDP gathers its weights in such a hook
     assert not fusable(head)
     handle.remove()
+    assert fusable(head)
+    head.forward = lambda x: torch.nn.functional.linear(x, head.weight, head.bias) * 2  # as Accelerate's hooks do
+    assert not fusable(head)
+    del head.forward
     assert fusable(head)
 
 

@@ -37,12 +37,15 @@ def _rows_per_block(vocab: int) -> int:
 def fusable(head) -> bool:
     """Whether `head` is a plain linear layer this module may read the weights of: exactly `nn.Linear`, plain
     parameters (not sharded DTensors: FSDP gathers those in the module's own hooks), no hooks of any kind."""
+    module = torch.nn.modules.module
     return (type(head) is torch.nn.Linear and type(head.weight) is torch.nn.Parameter
             and (head.bias is None or type(head.bias) is torch.nn.Parameter)
+            # a forward replaced on the instance: Accelerate's hooks (device_map, offloading) work that way
+            and "forward" not in vars(head) and not hasattr(head, "_hf_hook")
             and not (head._forward_hooks or head._forward_pre_hooks or head._backward_hooks
                      or head._backward_pre_hooks)
-            and not (torch.nn.modules.module._global_forward_hooks
-                     or torch.nn.modules.module._global_forward_pre_hooks))
+            and not (module._global_forward_hooks or module._global_forward_pre_hooks
+                     or module._global_backward_hooks or module._global_backward_pre_hooks))
 
 
 def _stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entropy: torch.Tensor | None):
@@ -74,16 +77,19 @@ class LogitsTargets(torch.autograd.Function):
         logits = F.linear(hidden, weight, bias)                                       # (M, V), the head's dtype
         lse, picked = _stats(logits, targets, temperature, entropy)
         ctx.save_for_backward(hidden, weight, bias, targets, lse)
-        ctx.logits, ctx.temperature = logits, temperature
+        # (the logits are this node's own buffer, kept on ctx rather than saved: nothing else holds them)
+        ctx.logits, ctx.logits_dtype, ctx.temperature = logits, logits.dtype, temperature
         return picked - lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # softmax(x) below is read from a buffer, not differentiated
     def backward(ctx, grad):
         hidden, weight, bias, targets, lse = ctx.saved_tensors
         logits, temperature = ctx.logits, ctx.temperature
         ctx.logits = None  # its buffer becomes the gradient below; a second backward (retain_graph) recomputes it
-        if logits is None:
-            logits = F.linear(hidden, weight, bias)
+        if logits is None:  # in the forward's dtype (under autocast, bf16 products) so that `lse` still fits
+            dtype = ctx.logits_dtype
+            logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         g = grad.to(lse.dtype) / temperature                                          # (M,)
         rows = _rows_per_block(logits.shape[1])
         for start in range(0, logits.shape[0], rows):  # the logits' buffer becomes their gradient, in place
@@ -99,7 +105,7 @@ class LogitsTargets(torch.autograd.Function):
         grad_weight = (d_logits.t() @ hidden.to(d_logits.dtype)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         grad_bias = None
         if bias is not None and ctx.needs_input_grad[2]:
-            grad_bias = d_logits.sum(0, dtype=torch.promote_types(d_logits.dtype, torch.float32)).to(weight.dtype)
+            grad_bias = d_logits.sum(0, dtype=torch.promote_types(d_logits.dtype, torch.float32)).to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None
 
 
