@@ -209,3 +209,11 @@ def test_target_logps_of_a_model_use_the_fused_head_and_match_the_full_forward(t
     torch.testing.assert_close(fast_ent, slow_ent, rtol=0, atol=1e-4)
     for name in slow_grads:
         torch.testing.assert_close(fast_grads[name], slow_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_blocks_are_cache_sized_on_cpu_and_launch_sized_on_an_accelerator():
+    assert vocab._rows_per_block(32_000, torch.device("cpu")) == 32
+    assert vocab._rows_per_block(152_064, torch.device("cpu")) == 6
+    assert vocab._rows_per_block(152_064, torch.device("cuda")) == 2 ** 25 // 152_064 == 220
+    assert vocab._rows_per_block(32_000, torch.device("cpu"), vocab.MATMUL_BLOCK_ELEMENTS) == 262
+    assert vocab._rows_per_block(10 ** 9, torch.device("cpu")) == 1

@@ -28,10 +28,14 @@ import torch.nn.functional as F
 BLOCK_ELEMENTS = 2 ** 20
 # rows of hidden states per matrix product when nothing is kept for a backward (~32 MB of logits a block)
 MATMUL_BLOCK_ELEMENTS = 2 ** 23
+# on an accelerator both are this (128 MB of float32 a block): there a block costs kernel launches, not cache
+DEVICE_BLOCK_ELEMENTS = 2 ** 25
 
 
-def _rows_per_block(vocab: int) -> int:
-    return max(1, BLOCK_ELEMENTS // max(1, vocab))
+def _rows_per_block(vocab: int, device: torch.device, elements: int | None = None) -> int:
+    if device.type != "cpu":
+        elements = DEVICE_BLOCK_ELEMENTS
+    return max(1, (BLOCK_ELEMENTS if elements is None else elements) // max(1, vocab))
 
 
 def fusable(head) -> bool:
@@ -54,7 +58,7 @@ def _stats(logits: torch.Tensor, targets: torch.Tensor, temperature: float, entr
     lse = torch.empty(m, dtype=torch.float32 if logits.dtype != torch.float64 else logits.dtype,
                       device=logits.device)
     picked = torch.empty_like(lse)
-    rows = _rows_per_block(logits.shape[1])
+    rows = _rows_per_block(logits.shape[1], logits.device)
     for start in range(0, m, rows):
         end = min(m, start + rows)
         x = logits[start:end].to(lse.dtype)
@@ -91,7 +95,7 @@ class LogitsTargets(torch.autograd.Function):
             dtype = ctx.logits_dtype
             logits = F.linear(hidden.to(dtype), weight.to(dtype), None if bias is None else bias.to(dtype))
         g = grad.to(lse.dtype) / temperature                                          # (M,)
-        rows = _rows_per_block(logits.shape[1])
+        rows = _rows_per_block(logits.shape[1], logits.device)
         for start in range(0, logits.shape[0], rows):  # the logits' buffer becomes their gradient, in place
             end = min(logits.shape[0], start + rows)
             x = logits[start:end].to(lse.dtype)
@@ -121,7 +125,7 @@ def head_target_logps(head: torch.nn.Linear, hidden: torch.Tensor, targets: torc
                                     or (head.bias is not None and head.bias.requires_grad)):
         values = LogitsTargets.apply(hidden, head.weight, head.bias, targets, temperature, out_entropy)
     else:  # nothing to keep: one block of logits at a time
-        rows = max(1, MATMUL_BLOCK_ELEMENTS // head.weight.shape[0])
+        rows = _rows_per_block(head.weight.shape[0], hidden.device, MATMUL_BLOCK_ELEMENTS)
         lse_parts, picked_parts = [], []
         for start in range(0, hidden.shape[0], rows):
             block = F.linear(hidden[start:start + rows], head.weight, head.bias)
