@@ -265,3 +265,53 @@ def test_packed_pairs_without_a_shared_prompt(double_model, tokenizer):
         plain = pair_logps(double_model, collate_pairs(pairs, tokenizer.pad_token_id))
     torch.testing.assert_close(shared.logps, plain.logps, rtol=0, atol=1e-10)
     assert shared.lengths.tolist() == [2, 1, 1, 3]
+
+
+def _long_pairs(prompt_len, chosen_len, rejected_len, vocab, seed=0):
+    from alignkit.data.collate import TokenizedPair
+    from alignkit.data.tokenize import Tokenized
+
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(5, vocab, (prompt_len,), generator=g).tolist()
+
+    def seq(n):
+        return Tokenized(prompt + torch.randint(5, vocab, (n,), generator=g).tolist(), [False] * prompt_len + [True] * n)
+
+    return [TokenizedPair(seq(chosen_len), seq(rejected_len))]
+
+
+def test_padding_is_chosen_where_the_packed_mask_would_cost_more_attention_than_the_prompt_saves():
+    """Hand-worked (hidden 64, 4 heads of 16, MLP 256: 65,536 matmul weights and 256 FLOPs per attended pair a
+    layer). [P | C | R] with P = C = R = 200: packed 600 · (2 · 65,536 + 256 · 600) = 170.8M; two causal rows of
+    400, no mask: 2 · (400 · 131,072 + 80,200 · 256) = 145.9M < 0.9 · 170.8M → pad. At 100 tokens each, 62.4M vs
+    62.7M → pack; with responses of unequal length the padded rows need a mask (full squares) → pack."""
+    from types import SimpleNamespace
+
+    from alignkit.data.collate import collate_packed_pairs
+    from alignkit.models.logps import _layer_costs, padding_is_cheaper
+
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, intermediate_size=256)
+    assert _layer_costs(config) == (65_536, 256)
+    assert padding_is_cheaper(config, collate_packed_pairs(_long_pairs(200, 200, 200, 50), 0))
+    assert not padding_is_cheaper(config, collate_packed_pairs(_long_pairs(100, 100, 100, 50), 0))
+    assert not padding_is_cheaper(config, collate_packed_pairs(_long_pairs(200, 200, 199, 50), 0))
+    assert not padding_is_cheaper(SimpleNamespace(), collate_packed_pairs(_long_pairs(200, 200, 200, 50), 0))
+
+
+def test_long_equal_pairs_read_padded_and_give_the_packed_numbers(double_model, tokenizer, monkeypatch):
+    from alignkit.data.collate import collate_packed_pairs
+    from alignkit.models import logps
+    from alignkit.models.logps import model_batch, pair_logps
+
+    config = logps._unwrap(double_model).config
+    # the fixture's tiny Llama has the shape of the hand-worked case above: 200 tokens each pads
+    batch = collate_packed_pairs(_long_pairs(200, 200, 200, len(tokenizer)), tokenizer.pad_token_id)
+    assert logps.padding_is_cheaper(config, batch)
+    read, _ = model_batch(double_model, batch)
+    assert read.attention_mask.dim() == 2 and read.input_ids.shape[0] == 2  # one sequence per row
+    with torch.no_grad():
+        padded = pair_logps(double_model, batch)
+        monkeypatch.setattr(logps, "padding_is_cheaper", lambda config, batch: False)
+        assert model_batch(double_model, batch)[0].attention_mask.dim() == 4
+        packed = pair_logps(double_model, batch)
+    torch.testing.assert_close(padded.logps, packed.logps, rtol=0, atol=1e-8)

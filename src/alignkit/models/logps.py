@@ -238,16 +238,57 @@ def _kwargs(batch: SequenceBatch | PackedBatch, attention_mask=None) -> dict:
             "attention_mask": batch.attention_mask if attention_mask is None else attention_mask}
 
 
+def _layer_costs(config) -> tuple[int, int] | None:
+    """(matmul weights of one decoder layer, FLOPs per attended (query, key) pair of one layer) read from a
+    config (q, k, v, o and a gated MLP; None where the config does not say)."""
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        hidden, heads = int(config.hidden_size), int(config.num_attention_heads)
+        head_dim = int(getattr(config, "head_dim", None) or hidden // heads)
+        kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
+        mlp = int(getattr(config, "intermediate_size", None) or 4 * hidden)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    weights = 2 * hidden * heads * head_dim + 2 * hidden * kv_heads * head_dim + 3 * hidden * mlp
+    return weights, 4 * heads * head_dim
+
+
+def padding_is_cheaper(config, batch: PackedBatch) -> bool:
+    """Whether the sequences of a packed batch, padded one per row, cost clearly fewer FLOPs than the packed
+    rows (by the decoder's matmuls and attention; the vocabulary projection is the same either way).
+
+    Packed rows attend under a 4D mask, which attention kernels compute as a full square (they skip the
+    causal half only without a mask), while sequences of one length padded one per row need no mask at all.
+    So for long sequences of equal length — a long prompt shared by two responses of the same length, say —
+    the prompt computed once can cost more attention than it saves: [P | C | R] under a mask is (3L)² pairs
+    per layer, two causal rows [P | C], [P | R] are 2 · (2L)² / 2. Both layouts give the same numbers."""
+    costs = _layer_costs(config)
+    if costs is None or batch.spans is None:
+        return False
+    per_token, per_pair = costs
+    rows, width = batch.input_ids.shape
+    packed = rows * width * (2 * per_token + per_pair * width)
+    lengths = batch.spans[:, 2] + batch.spans[:, 4]
+    longest, n = int(lengths.max()), int(lengths.shape[0])
+    pairs = longest * (longest + 1) // 2 if bool((lengths == longest).all()) else longest * longest
+    padded = n * (longest * 2 * per_token + pairs * per_pair)
+    return padded < 0.9 * packed
+
+
 def model_batch(model, batch: PackedBatch) -> tuple[PackedBatch, dict]:
     """(the batch the model should read, its forward kwargs): the packed rows with the model's attention
     pattern (sliding windows and chunks included, see `alignkit.models.attention`), or — where packing is not
-    exact for this architecture — the same sequences padded one per row.
+    exact for this architecture, or costs more than padding (`padding_is_cheaper`) — the same sequences padded
+    one per row.
 
     Packing is checked once per model against the padded forward, separately for batches with a sequence
     longer than the model's narrowest window (where the window matters) and batches without."""
     if batch.attention_mask.dim() == 2:  # already plain
         return batch, _kwargs(batch)
     config = _unwrap(model).config
+    if padding_is_cheaper(config, batch):
+        plain = padded_view(batch)
+        return plain, _kwargs(plain)
     window = smallest_window(config)
     long = window is not None and int(batch.position_ids.max()) >= window
     packed = _kwargs(batch, packed_attention_mask(config, batch.attention_mask, batch.position_ids))
