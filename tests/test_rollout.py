@@ -126,3 +126,47 @@ def test_sampler_never_draws_a_zero_probability_token_at_the_top_of_a_block(monk
     probs[:, [3, 300, 511]] = torch.tensor([0.2, 0.3, 0.5])
     monkeypatch.setattr(torch, "rand", lambda shape, **kw: torch.full(shape, 1 - 2 ** -53, dtype=torch.float64))
     assert sample(probs, None).tolist() == [511, 511, 511]
+
+
+def test_few_row_output_layer_gives_the_plain_numbers_and_is_put_back(tiny_model_dir, tokenizer, monkeypatch):
+    """A decoding step of few rows on CPU runs the output layer as (W·hᵀ)ᵀ: the same tokens and log-probs as
+    the plain h·Wᵀ (float32), the head's forward restored afterwards — also when generation fails — and never
+    on a head with a hook."""
+    from transformers import AutoModelForCausalLM
+
+    import alignkit.rl.rollout as rollout
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    head = model.get_output_embeddings()
+
+    def run():
+        return generate(model, PROMPTS * 2, pad_id=tokenizer.pad_token_id, eos_id=tokenizer.eos_token_id,
+                        max_new_tokens=6, generator=torch.Generator().manual_seed(3))
+
+    swapped = []
+    monkeypatch.setattr(torch, "mm", lambda *a, _mm=torch.mm: swapped.append(1) or _mm(*a))
+    fast = run()
+    assert swapped and "forward" not in vars(head)
+    monkeypatch.setattr(rollout, "FEW_ROWS_PER_THREAD", 0)  # the plain product
+    swapped.clear()
+    plain = run()
+    assert not swapped
+    assert torch.equal(fast.response_ids, plain.response_ids)
+    torch.testing.assert_close(fast.logps, plain.logps, rtol=0, atol=1e-5)
+    monkeypatch.setattr(rollout, "FEW_ROWS_PER_THREAD", 8)
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(rollout, "_prefill", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        run()
+    assert "forward" not in vars(head)
+    monkeypatch.undo()
+    handle = head.register_forward_hook(lambda module, args, out: None)
+    with rollout._few_row_head(model, 2):
+        assert "forward" not in vars(head)
+    handle.remove()
+    with rollout._few_row_head(model, 2):
+        assert "forward" in vars(head)
+    assert "forward" not in vars(head)

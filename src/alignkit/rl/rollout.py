@@ -10,6 +10,7 @@ global RNG state.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from dataclasses import dataclass
 from typing import Protocol
@@ -132,6 +133,42 @@ def _prefill(model, prompts: list[list[int]], pad_id: int, device, has_keep: boo
     return prompt_ids, prompt_mask, attention, positions, cache, out.logits[:, -1]
 
 
+FEW_ROWS_PER_THREAD = 8  # decoding steps of at most this many rows per CPU thread take `_few_row_head`
+
+
+@contextlib.contextmanager
+def _few_row_head(model, rows: int):
+    """While it is open, the model's output layer computes (W · hᵀ)ᵀ instead of h · Wᵀ — the same products —
+    when a decoding step has few rows on a CPU: MKL runs a (32k × d) · (d × 8) product 1.5–2.5× faster than a
+    (8 × d) · (d × 32k) one with the weight transposed, which at 4–16 rows is a quarter to a third of a whole
+    decoding step of a small model (`benchmarks/decode.py`). Only a plain `nn.Linear` head on CPU (the same
+    test as the fused log-softmax: no hooks, no sharded weights), and only for up to FEW_ROWS_PER_THREAD rows
+    per thread (beyond that the plain product is as fast or faster); the model's own post-processing of its
+    logits (soft-capping, scaling) runs as always, after its head."""
+    from alignkit.models.logps import _unwrap
+    from alignkit.models.vocab import fusable
+
+    base = _unwrap(model)
+    head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if (head is None or not fusable(head) or head.weight.device.type != "cpu"
+            or rows > FEW_ROWS_PER_THREAD * torch.get_num_threads()):
+        yield
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        out = torch.mm(head.weight, flat.t()).t()
+        if head.bias is not None:
+            out = out + head.bias
+        return out.contiguous().view(*hidden.shape[:-1], out.shape[-1])
+
+    head.forward = forward
+    try:
+        yield
+    finally:
+        vars(head).pop("forward", None)
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_new_tokens: int,
              temperature: float = 1.0, top_p: float = 1.0,
@@ -145,47 +182,48 @@ def generate(model, prompts: list[list[int]], *, pad_id: int, eos_id: int, max_n
     `on_step(token)`, if given, sees each step's (B,) tokens as they are sampled (pad_id in finished rows):
     the server streams text with it.
     """
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    cache_kw, has_keep = _forward_kwargs(model)
-    distinct, index = unique_prompts(prompts)
-    prompt_ids, prompt_mask, attention, positions, cache, logits = _prefill(model, distinct, pad_id, device, has_keep)
-    if len(distinct) < len(prompts):
-        if hasattr(cache, "reorder_cache"):
-            rows = torch.tensor(index, device=device)
-            cache.reorder_cache(rows)  # index_select on the batch dimension of every layer
-            prompt_ids, prompt_mask, attention, positions, logits = (
-                t.index_select(0, rows) for t in (prompt_ids, prompt_mask, attention, positions, logits))
-        else:  # a cache that cannot be copied row-wise: encode every row
-            prompt_ids, prompt_mask, attention, positions, cache, logits = _prefill(model, prompts, pad_id, device,
-                                                                                    has_keep)
-    batch = prompt_ids.shape[0]
-    next_position = positions[:, -1] + 1
-    tokens, logps = [], []
-    alive = torch.ones(batch, dtype=torch.bool, device=device)
-    alive_steps = []
-    for _ in range(max_new_tokens):
-        scaled = logits.float() if temperature == 1.0 else logits.float() / max(temperature, 1e-6)
-        logp_all = scaled.log_softmax(-1)
-        token = sample(top_p_filter(scaled, top_p).softmax(-1), generator)
-        token = torch.where(alive, token, torch.full_like(token, pad_id))
-        tokens.append(token)
-        if on_step is not None:
-            on_step(token)
-        logps.append(torch.where(alive, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1), 0.0))
-        alive_steps.append(alive)
-        alive = alive & (token != eos_id)
-        if not bool(alive.any()) or len(tokens) == max_new_tokens:  # (no forward for logits nobody samples from)
-            break
-        attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=attention,
-                    position_ids=next_position.unsqueeze(-1), use_cache=True, **{cache_kw: cache})
-        cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-        logits = out.logits[:, -1]
-        next_position = next_position + 1
-    model.train(was_training)
-    response_ids = torch.stack(tokens, dim=1)
-    response_mask = torch.stack(alive_steps, dim=1)
-    finished = (response_ids == eos_id).any(-1)
-    return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.stack(logps, dim=1), finished)
+    with _few_row_head(model, len(prompts)):
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        cache_kw, has_keep = _forward_kwargs(model)
+        distinct, index = unique_prompts(prompts)
+        prompt_ids, prompt_mask, attention, positions, cache, logits = _prefill(model, distinct, pad_id, device, has_keep)
+        if len(distinct) < len(prompts):
+            if hasattr(cache, "reorder_cache"):
+                rows = torch.tensor(index, device=device)
+                cache.reorder_cache(rows)  # index_select on the batch dimension of every layer
+                prompt_ids, prompt_mask, attention, positions, logits = (
+                    t.index_select(0, rows) for t in (prompt_ids, prompt_mask, attention, positions, logits))
+            else:  # a cache that cannot be copied row-wise: encode every row
+                prompt_ids, prompt_mask, attention, positions, cache, logits = _prefill(model, prompts, pad_id, device,
+                                                                                        has_keep)
+        batch = prompt_ids.shape[0]
+        next_position = positions[:, -1] + 1
+        tokens, logps = [], []
+        alive = torch.ones(batch, dtype=torch.bool, device=device)
+        alive_steps = []
+        for _ in range(max_new_tokens):
+            scaled = logits.float() if temperature == 1.0 else logits.float() / max(temperature, 1e-6)
+            logp_all = scaled.log_softmax(-1)
+            token = sample(top_p_filter(scaled, top_p).softmax(-1), generator)
+            token = torch.where(alive, token, torch.full_like(token, pad_id))
+            tokens.append(token)
+            if on_step is not None:
+                on_step(token)
+            logps.append(torch.where(alive, logp_all.gather(-1, token.unsqueeze(-1)).squeeze(-1), 0.0))
+            alive_steps.append(alive)
+            alive = alive & (token != eos_id)
+            if not bool(alive.any()) or len(tokens) == max_new_tokens:  # (no forward for logits nobody samples from)
+                break
+            attention = torch.cat([attention, torch.ones((batch, 1), dtype=attention.dtype, device=device)], dim=1)
+            out = model(input_ids=token.unsqueeze(-1), attention_mask=attention,
+                        position_ids=next_position.unsqueeze(-1), use_cache=True, **{cache_kw: cache})
+            cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+            logits = out.logits[:, -1]
+            next_position = next_position + 1
+        model.train(was_training)
+        response_ids = torch.stack(tokens, dim=1)
+        response_mask = torch.stack(alive_steps, dim=1)
+        finished = (response_ids == eos_id).any(-1)
+        return Rollout(prompt_ids, prompt_mask, response_ids, response_mask, torch.stack(logps, dim=1), finished)
