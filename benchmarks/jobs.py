@@ -27,16 +27,22 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def _timed_step(inner):
-    def step(*args, **kwargs):
-        if not RSS_AT_FIRST_STEP:
-            RSS_AT_FIRST_STEP.append(rss_mb())
+def _timed(inner, into: list[float], first=None):
+    """`inner`, appending each call's wall time to `into` (and calling `first()` before the first call)."""
+    def timed(*args, **kwargs):
+        if first is not None and not into:
+            first()
         began = time.perf_counter()
         try:
             return inner(*args, **kwargs)
         finally:
-            STEP_SECONDS.append(time.perf_counter() - began)
-    return step
+            into.append(time.perf_counter() - began)
+    return timed
+
+
+def _rss_at_first_step() -> None:
+    if not RSS_AT_FIRST_STEP:
+        RSS_AT_FIRST_STEP.append(rss_mb())
 
 
 def time_alignkit_steps() -> None:
@@ -44,17 +50,7 @@ def time_alignkit_steps() -> None:
     from alignkit.train import loop, ppo
 
     for cls in (loop.BatchTrainer, ppo.PPOTrainer):
-        cls.step = _timed_step(cls.step)
-
-
-def _timed_generate(inner):
-    def generate(*args, **kwargs):
-        began = time.perf_counter()
-        try:
-            return inner(*args, **kwargs)
-        finally:
-            GENERATE_SECONDS.append(time.perf_counter() - began)
-    return generate
+        cls.step = _timed(cls.step, STEP_SECONDS, _rss_at_first_step)
 
 
 def trl_step_timer():
@@ -191,7 +187,7 @@ def alignkit_online(world, steps, data, out, algo="grpo"):
                         reward_fn="python:jobs:even_word_share", rollout_batch_size=PROMPTS,
                         samples_per_prompt=SAMPLES, max_new_tokens=NEW_TOKENS, lr=LR, kl_coef=KL, seed=SEED,
                         resume="never", max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH),
-              generate_fn=_timed_generate(generate))
+              generate_fn=_timed(generate, GENERATE_SECONDS))
     with open(os.path.join(out, "final", "alignkit_run.json")) as f:
         return json.load(f)["metrics"].get("policy_loss", float("nan")), _loop_seconds(out)
 
@@ -201,7 +197,7 @@ def trl_online(world, steps, data, out, algo="grpo"):
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.generation.utils import GenerationMixin
 
-    GenerationMixin.generate = _timed_generate(GenerationMixin.generate)  # what TRL's trainers sample with
+    GenerationMixin.generate = _timed(GenerationMixin.generate, GENERATE_SECONDS)  # what TRL's trainers sample with
     tokenizer = AutoTokenizer.from_pretrained(world["policy"])
     model = AutoModelForCausalLM.from_pretrained(world["policy"])
     dataset = load_dataset("json", data_files=data, split="train").select_columns(["prompt"])
