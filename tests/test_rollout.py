@@ -169,4 +169,8 @@ def test_few_row_output_layer_gives_the_plain_numbers_and_is_put_back(tiny_model
     handle.remove()
     with rollout._few_row_head(model, 2):
         assert "forward" in vars(head)
+        few = torch.randn(1, 2, head.in_features)
+        torch.testing.assert_close(head(few), torch.nn.functional.linear(few, head.weight), rtol=0, atol=1e-6)
+        many = torch.randn(1, 8 * torch.get_num_threads() + 1, head.in_features)  # a whole prompt's positions
+        assert torch.equal(head(many), torch.nn.functional.linear(many, head.weight))
     assert "forward" not in vars(head)

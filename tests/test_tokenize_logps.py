@@ -284,7 +284,8 @@ def test_padding_is_chosen_where_the_packed_mask_would_cost_more_attention_than_
     """Hand-worked (hidden 64, 4 heads of 16, MLP 256: 65,536 matmul weights and 256 FLOPs per attended pair a
     layer). [P | C | R] with P = C = R = 200: packed 600 · (2 · 65,536 + 256 · 600) = 170.8M; two causal rows of
     400, no mask: 2 · (400 · 131,072 + 80,200 · 256) = 145.9M < 0.9 · 170.8M → pad. At 100 tokens each, 62.4M vs
-    62.7M → pack; with responses of unequal length the padded rows need a mask (full squares) → pack."""
+    62.7M → pack; with responses of unequal length the padded rows need a mask (full squares) → pack; so does
+    eager attention, which never skips the causal half."""
     from types import SimpleNamespace
 
     from alignkit.data.collate import collate_packed_pairs
@@ -296,6 +297,9 @@ def test_padding_is_chosen_where_the_packed_mask_would_cost_more_attention_than_
     assert not padding_is_cheaper(config, collate_packed_pairs(_long_pairs(100, 100, 100, 50), 0))
     assert not padding_is_cheaper(config, collate_packed_pairs(_long_pairs(200, 200, 199, 50), 0))
     assert not padding_is_cheaper(SimpleNamespace(), collate_packed_pairs(_long_pairs(200, 200, 200, 50), 0))
+    # eager attention computes the whole square either way: 2 · (400 · 131,072 + 160,000 · 256) = 186.8M → pack
+    eager = SimpleNamespace(**vars(config), _attn_implementation="eager")
+    assert not padding_is_cheaper(eager, collate_packed_pairs(_long_pairs(200, 200, 200, 50), 0))
 
 
 def test_long_equal_pairs_read_padded_and_give_the_packed_numbers(double_model, tokenizer, monkeypatch):

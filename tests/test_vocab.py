@@ -6,20 +6,13 @@ import pytest
 import torch
 
 from alignkit.models import vocab
+from alignkit.models.logps import logits_target_logps
 from alignkit.models.vocab import fusable, head_target_logps
 
 
 def plain(head, hidden, targets, temperature=1.0, entropy=None):
-    """What alignkit computed before: logits (upcast to float32 at least) / τ, logsumexp, gather."""
-    logits = head(hidden)
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    if temperature != 1.0:
-        logits = logits / temperature
-    lse = torch.logsumexp(logits, dim=-1)
-    if entropy is not None:
-        with torch.no_grad():
-            entropy.append(lse - (logits.softmax(-1) * logits).sum(-1))
-    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - lse
+    """What alignkit computes without the fused node: the full logits, then `logits_target_logps`."""
+    return logits_target_logps(head(hidden), targets, temperature, entropy)
 
 
 def _case(m=37, h=16, v=53, bias=True, dtype=torch.float64, seed=0):

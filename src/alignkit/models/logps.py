@@ -270,7 +270,9 @@ def padding_is_cheaper(config, batch: PackedBatch) -> bool:
     packed = rows * width * (2 * per_token + per_pair * width)
     lengths = batch.spans[:, 2] + batch.spans[:, 4]
     longest, n = int(lengths.max()), int(lengths.shape[0])
-    pairs = longest * (longest + 1) // 2 if bool((lengths == longest).all()) else longest * longest
+    # unmasked causal kernels skip the upper half; eager attention computes (and masks) the whole square anyway
+    causal_skip = getattr(config, "_attn_implementation", None) != "eager" and bool((lengths == longest).all())
+    pairs = longest * (longest + 1) // 2 if causal_skip else longest * longest
     padded = n * (longest * 2 * per_token + pairs * per_pair)
     return padded < 0.9 * packed
 
@@ -333,6 +335,14 @@ def target_logps(model, kwargs: dict, positions, targets, temperature: float = 1
     else:
         full = model(**kwargs).logits
         logits = full.reshape(-1, full.shape[-1])[positions]                                     # (M, V)
+    return logits_target_logps(logits, targets, temperature, entropy)
+
+
+def logits_target_logps(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                        entropy: list | None = None) -> torch.Tensor:
+    """(M,) log softmax(logits / temperature)[targets] from logits (M, V), upcast to float32 at least; with
+    `entropy` (a list), the (M,) entropies (no gradient) are appended. The plain path: `alignkit.models.vocab`
+    computes the same numbers from hidden states without the (M, V) temporaries."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if temperature != 1.0:
         logits = logits / temperature

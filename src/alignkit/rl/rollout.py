@@ -150,13 +150,15 @@ def _few_row_head(model, rows: int):
 
     base = _unwrap(model)
     head = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
-    if (head is None or not fusable(head) or head.weight.device.type != "cpu"
-            or rows > FEW_ROWS_PER_THREAD * torch.get_num_threads()):
+    limit = FEW_ROWS_PER_THREAD * torch.get_num_threads()
+    if head is None or not fusable(head) or head.weight.device.type != "cpu" or rows > limit:
         yield
         return
 
     def forward(hidden: torch.Tensor) -> torch.Tensor:
         flat = hidden.reshape(-1, hidden.shape[-1])
+        if flat.shape[0] > limit:  # a prompt pass of a model that computes every position's logits: plain
+            return torch.nn.functional.linear(hidden, head.weight, head.bias)
         out = torch.mm(head.weight, flat.t()).t()
         if head.bias is not None:
             out = out + head.bias
